@@ -1,0 +1,28 @@
+"""Objects the routes need, built once in the lifespan and handed out per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from core.settings import Settings
+from core.transfers import TransferService
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    session_factory: async_sessionmaker[AsyncSession]
+    transfers: TransferService
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.services
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]

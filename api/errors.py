@@ -1,0 +1,94 @@
+"""One table from domain error to HTTP status, and one JSON shape for every error."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import (
+    AccountNotFound,
+    DomainError,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidTransfer,
+    TransactionNotFound,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[DomainError], int] = {
+    AccountNotFound: 404,
+    TransactionNotFound: 404,
+    InsufficientFunds: 409,
+    IdempotencyConflict: 409,
+    InvalidTransfer: 422,
+}
+
+
+class InvalidField(Exception):
+    """A field that passed parsing but breaks a business rule (e.g. an amount above the maximum)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse(status_code=status, content={"error": body})
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return error_response(STATUS_BY_ERROR.get(type(exc), 400), exc.code, exc.message)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"], "type": error["type"]}
+        for error in exc.errors()
+    ]
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return error_response(422, "validation_error", summary or "invalid request", details)
+
+
+async def _invalid_field(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidField)
+    details = [{"field": exc.field, "message": exc.message, "type": "value_error"}]
+    return error_response(422, "validation_error", f"{exc.field}: {exc.message}", details)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, "http_error", str(exc.detail))
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable: %s", exc)
+    return error_response(503, "database_unavailable", "the database is unreachable; try again shortly")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InvalidField, _invalid_field)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for error in (OperationalError, InterfaceError, ConnectionError, OSError):
+        app.add_exception_handler(error, _database_unavailable)
+    app.add_exception_handler(DBAPIError, _unexpected)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,93 @@
+"""HTTP routes. They validate, call one use case, and shape the answer; they never commit."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.dependencies import State
+from api.errors import InvalidField, error_response
+from api.schemas import (
+    AccountCreate,
+    AccountOut,
+    ErrorOut,
+    MessageOut,
+    TransactionDetail,
+    TransactionOut,
+    TransferCreate,
+)
+from core import transfers
+from core.money import check_initial_balance, check_transfer_amount
+from core.transfers import TransferRequest
+
+router = APIRouter(prefix="/api/v1")
+health = APIRouter(prefix="/health", tags=["health"])
+
+_ERRORS = {status: {"model": ErrorOut} for status in (404, 409, 422, 503)}
+
+
+
+
+@router.post("/accounts", status_code=201, response_model=AccountOut, responses=_ERRORS, tags=["accounts"])
+async def create_account(body: AccountCreate, state: State) -> AccountOut:
+    try:
+        balance = check_initial_balance(body.initial_balance, state.settings.max_transfer_amount * 1000)
+    except ValueError as exc:
+        raise InvalidField("body.initial_balance", str(exc)) from None
+    account = await transfers.create_account(state.session_factory, str(body.owner_email), body.currency, balance)
+    return AccountOut.model_validate(account)
+
+
+@router.get("/accounts/{account_id}", response_model=AccountOut, responses=_ERRORS, tags=["accounts"])
+async def read_account(account_id: UUID, state: State) -> AccountOut:
+    return AccountOut.model_validate(await transfers.get_account(state.session_factory, account_id))
+
+
+@router.post(
+    "/transactions/transfer", status_code=201, response_model=TransactionOut, responses=_ERRORS, tags=["transactions"]
+)
+async def transfer(
+    body: TransferCreate,
+    state: State,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> TransactionOut:
+    try:
+        amount = check_transfer_amount(body.amount, state.settings.max_transfer_amount)
+    except ValueError as exc:
+        raise InvalidField("body.amount", str(exc)) from None
+    request = TransferRequest(body.from_account_id, body.to_account_id, amount, idempotency_key)
+    result = await state.transfers.transfer(request)
+    if not result.created:
+        response.status_code = 200
+    return TransactionOut.model_validate(result.transaction)
+
+
+@router.get("/transactions/{transaction_id}", response_model=TransactionDetail, responses=_ERRORS, tags=["transactions"])
+async def read_transaction(transaction_id: UUID, state: State) -> TransactionDetail:
+    view = await transfers.get_transaction(state.session_factory, transaction_id)
+    return TransactionDetail(
+        **TransactionOut.model_validate(view.transaction).model_dump(),
+        messages=[MessageOut.model_validate(message) for message in view.messages],
+    )
+
+
+@health.get("/live")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health.get("/ready", response_model=None, responses={503: {"model": ErrorOut}})
+async def ready(state: State) -> dict[str, str] | JSONResponse:
+    try:
+        async with asyncio.timeout(2):
+            async with state.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the database means not ready
+        return error_response(503, "not_ready", f"database unreachable: {type(exc).__name__}: {exc}")
+    return {"status": "ok"}

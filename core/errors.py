@@ -1,0 +1,35 @@
+"""Domain errors. They carry no HTTP knowledge: the API maps each to a status code."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """A request the domain refuses. `code` is stable and machine-readable."""
+
+    code = "domain_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AccountNotFound(DomainError):
+    code = "account_not_found"
+
+
+class TransactionNotFound(DomainError):
+    code = "transaction_not_found"
+
+
+class InsufficientFunds(DomainError):
+    code = "insufficient_funds"
+
+
+class InvalidTransfer(DomainError):
+    """The transfer can never succeed as asked (same account, currency mismatch, bad amount)."""
+
+    code = "invalid_transfer"
+
+
+class IdempotencyConflict(DomainError):
+    code = "idempotency_conflict"

@@ -1,0 +1,199 @@
+"""The use cases: open an account, move money (with its outbox rows), read them back."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from uuid import UUID
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.contract import TransferFacts, transfer_messages
+from core.errors import (
+    AccountNotFound,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidTransfer,
+    TransactionNotFound,
+)
+from core.models import Account, Outbox, Transaction
+from core.outbox import CommitNotifier, add_outbox_rows
+from core.unit_of_work import UnitOfWork
+
+SUCCESS = "SUCCESS"
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    from_account_id: UUID
+    to_account_id: UUID
+    amount: Decimal
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        raw = f"{self.from_account_id}|{self.to_account_id}|{self.amount:.2f}"
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    transaction: Transaction
+    created: bool  # False when an idempotent replay returned the original
+
+
+async def create_account(
+    session_factory: async_sessionmaker[AsyncSession], owner_email: str, currency: str, balance: Decimal
+) -> Account:
+    async with UnitOfWork(session_factory) as uow:
+        account = Account(id=uuid.uuid4(), owner_email=owner_email, currency=currency, balance=balance)
+        uow.session.add(account)
+        await uow.session.flush()
+        await uow.session.refresh(account)
+        await uow.commit()
+        return account
+
+
+async def get_account(session_factory: async_sessionmaker[AsyncSession], account_id: UUID) -> Account:
+    async with UnitOfWork(session_factory) as uow:
+        account = await uow.session.get(Account, account_id)
+        if account is None:
+            raise AccountNotFound(f"account {account_id} does not exist")
+        return account
+
+
+async def move_money(session: AsyncSession, request: TransferRequest) -> TransferFacts:
+    """Lock both accounts in id order, check funds, move the money and record the transaction.
+
+    Runs in the caller's transaction and commits nothing. Raises AccountNotFound,
+    InvalidTransfer or InsufficientFunds before writing anything.
+    """
+    if request.from_account_id == request.to_account_id:
+        raise InvalidTransfer("from_account_id and to_account_id must differ")
+    ids = sorted([request.from_account_id, request.to_account_id])
+    rows = await session.execute(
+        select(Account.id, Account.owner_email, Account.currency, Account.balance)
+        .where(Account.id.in_(ids))
+        .order_by(Account.id)
+        .with_for_update()
+    )
+    accounts = {row.id: row for row in rows}
+    for account_id in (request.from_account_id, request.to_account_id):
+        if account_id not in accounts:
+            raise AccountNotFound(f"account {account_id} does not exist")
+    source, target = accounts[request.from_account_id], accounts[request.to_account_id]
+    if source.currency != target.currency:
+        raise InvalidTransfer(f"currency mismatch: {source.currency} account to {target.currency} account")
+    if source.balance < request.amount:
+        raise InsufficientFunds(f"account {source.id} has insufficient funds for {request.amount:.2f}")
+    for account_id, delta in ((source.id, -request.amount), (target.id, request.amount)):
+        await session.execute(update(Account).where(Account.id == account_id).values(balance=Account.balance + delta))
+    transaction_id = uuid.uuid4()
+    created_at = (
+        await session.execute(
+            insert(Transaction)
+            .values(
+                id=transaction_id,
+                from_account_id=source.id,
+                to_account_id=target.id,
+                amount=request.amount,
+                currency=source.currency,
+                status=SUCCESS,
+                idempotency_key=request.idempotency_key,
+                request_fingerprint=request.fingerprint() if request.idempotency_key else None,
+            )
+            .returning(Transaction.created_at)
+        )
+    ).scalar_one()
+    return TransferFacts(
+        transaction_id=transaction_id,
+        from_account_id=source.id,
+        to_account_id=target.id,
+        amount=request.amount,
+        currency=source.currency,
+        status=SUCCESS,
+        created_at=created_at,
+        source_email=source.owner_email,
+    )
+
+
+class TransferService:
+    """Transfers money and writes the transfer's outbox rows in the same transaction."""
+
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession], notifier: CommitNotifier) -> None:
+        self._session_factory = session_factory
+        self._notifier = notifier
+
+    async def transfer(self, request: TransferRequest) -> TransferResult:
+        """Commit the transfer and its outbox rows together, or nothing at all.
+
+        With an idempotency key, a repeat of the same request returns the original
+        transaction; a different request under the same key raises IdempotencyConflict.
+        """
+        if request.idempotency_key is not None:
+            original = await self._replay(request)
+            if original is not None:
+                return TransferResult(original, created=False)
+        try:
+            async with UnitOfWork(self._session_factory) as uow:
+                facts = await move_money(uow.session, request)
+                await add_outbox_rows(uow.session, facts.transaction_id, transfer_messages(facts))
+                await self._notifier.maybe_notify(uow.session)
+                await uow.commit()
+        except IntegrityError:
+            # Two requests raced with one idempotency key: the loser returns the winner's result.
+            original = await self._replay(request) if request.idempotency_key else None
+            if original is None:
+                raise
+            return TransferResult(original, created=False)
+        return TransferResult(_transaction_from(facts), created=True)
+
+    async def _replay(self, request: TransferRequest) -> Transaction | None:
+        async with UnitOfWork(self._session_factory) as uow:
+            original = (
+                await uow.session.execute(
+                    select(Transaction).where(Transaction.idempotency_key == request.idempotency_key)
+                )
+            ).scalar_one_or_none()
+        if original is not None and original.request_fingerprint != request.fingerprint():
+            raise IdempotencyConflict("Idempotency-Key was already used with a different request body")
+        return original
+
+
+def _transaction_from(facts: TransferFacts) -> Transaction:
+    return Transaction(
+        id=facts.transaction_id,
+        from_account_id=facts.from_account_id,
+        to_account_id=facts.to_account_id,
+        amount=facts.amount,
+        currency=facts.currency,
+        status=facts.status,
+        created_at=facts.created_at,
+    )
+
+
+@dataclass(frozen=True)
+class TransactionView:
+    transaction: Transaction
+    messages: list[Outbox]
+
+
+async def get_transaction(session_factory: async_sessionmaker[AsyncSession], transaction_id: UUID) -> TransactionView:
+    async with UnitOfWork(session_factory) as uow:
+        transaction = await uow.session.get(Transaction, transaction_id)
+        if transaction is None:
+            raise TransactionNotFound(f"transaction {transaction_id} does not exist")
+        messages = (
+            await uow.session.execute(
+                select(Outbox).where(Outbox.transaction_id == transaction_id).order_by(Outbox.task_name)
+            )
+        ).scalars()
+        return TransactionView(transaction, list(messages))
+
+
+def utc_iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None

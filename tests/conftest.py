@@ -1,0 +1,120 @@
+"""Fixtures shared by every test: real servers, a fresh migrated database, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from core.database import create_session_factory
+from core.settings import Settings
+from tests.servers import postgres_server, redis_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = "task_runs, audit_log, outbox, transactions, accounts"
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(os.path.join(ROOT, "alembic.ini"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def _async_url(url: str) -> str:
+    return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+async def _admin(admin_url: str, *statements: str) -> None:
+    engine = create_async_engine(_async_url(admin_url), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as connection:
+        for statement in statements:
+            await connection.execute(text(statement))
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[tuple[str, str]]:
+    """(PostgreSQL admin URL, Redis URL) for the whole test session."""
+    with ExitStack() as stack, postgres_server(stack) as pg_url, redis_server(stack) as redis_url:
+        yield pg_url, redis_url
+
+
+@pytest.fixture(scope="session")
+def database_url(servers: tuple[str, str]) -> Iterator[str]:
+    """A fresh database for this test session, migrated to head, dropped at the end."""
+    admin_url = servers[0]
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(admin_url, f'CREATE DATABASE "{name}"'))
+    url = _async_url(make_url(admin_url).set(database=name).render_as_string(hide_password=False))
+    try:
+        command.upgrade(alembic_config(url), "head")
+        yield url
+    finally:
+        asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers: tuple[str, str]) -> str:
+    client = redis.Redis.from_url(servers[1])
+    client.flushdb()
+    client.close()
+    return servers[1]
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str) -> Settings:
+    """Settings pointing at the test servers, with the tasks' simulated delays off."""
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=database_url,
+        celery_broker_url_override=redis_url,
+        celery_result_backend_override=redis_url,
+        email_send_delay=0,
+        audit_write_delay=0,
+        log_json=False,
+    )
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a subprocess (relay, worker, API) needs to use the test servers."""
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=settings.libpq_database_url,
+        CELERY_BROKER_URL=settings.celery_broker_url,
+        CELERY_RESULT_BACKEND=settings.celery_result_backend,
+        EMAIL_SEND_DELAY=str(settings.email_send_delay),
+        AUDIT_WRITE_DELAY=str(settings.audit_write_delay),
+        LOG_JSON="false",
+        PYTHONPATH=ROOT,
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(settings.async_database_url, poolclass=NullPool)
+    await _truncate(engine)
+    yield engine
+    await engine.dispose()
+
+
+async def _truncate(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return create_session_factory(engine)
