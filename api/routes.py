@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Response
@@ -28,9 +28,7 @@ from core.transfers import TransferRequest
 router = APIRouter(prefix="/api/v1")
 health = APIRouter(prefix="/health", tags=["health"])
 
-_ERRORS = {status: {"model": ErrorOut} for status in (404, 409, 422, 503)}
-
-
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for status in (404, 409, 422, 503)}
 
 
 @router.post("/accounts", status_code=201, response_model=AccountOut, responses=_ERRORS, tags=["accounts"])
@@ -68,7 +66,9 @@ async def transfer(
     return TransactionOut.model_validate(result.transaction)
 
 
-@router.get("/transactions/{transaction_id}", response_model=TransactionDetail, responses=_ERRORS, tags=["transactions"])
+@router.get(
+    "/transactions/{transaction_id}", response_model=TransactionDetail, responses=_ERRORS, tags=["transactions"]
+)
 async def read_transaction(transaction_id: UUID, state: State) -> TransactionDetail:
     view = await transfers.get_transaction(state.session_factory, transaction_id)
     return TransactionDetail(
@@ -88,6 +88,6 @@ async def ready(state: State) -> dict[str, str] | JSONResponse:
         async with asyncio.timeout(2):
             async with state.engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the database means not ready
+    except Exception as exc:
         return error_response(503, "not_ready", f"database unreachable: {type(exc).__name__}: {exc}")
     return {"status": "ok"}

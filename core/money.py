@@ -13,7 +13,7 @@ def parse_amount(raw: object) -> Decimal:
     Raises ValueError with a message fit for the caller.
     """
     if isinstance(raw, bool) or not isinstance(raw, str | int | Decimal):
-        raise ValueError("amount must be a decimal string such as \"12.50\"")
+        raise ValueError('amount must be a decimal string such as "12.50"')
     try:
         value = Decimal(str(raw).strip())
     except InvalidOperation:

@@ -13,7 +13,9 @@ from core.contract import OUTBOX_CHANNEL, TaskMessage
 from core.models import Outbox
 
 
-async def add_outbox_rows(session: AsyncSession, transaction_id: UUID | None, messages: list[TaskMessage]) -> list[UUID]:
+async def add_outbox_rows(
+    session: AsyncSession, transaction_id: UUID | None, messages: list[TaskMessage]
+) -> list[UUID]:
     """Insert one pending outbox row per message in the session's transaction; return their ids.
 
     The ids become the Celery task ids.

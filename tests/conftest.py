@@ -76,7 +76,7 @@ def redis_url(servers: tuple[str, str]) -> str:
 def settings(database_url: str, redis_url: str) -> Settings:
     """Settings pointing at the test servers, with the tasks' simulated delays off."""
     return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         database_url=database_url,
         celery_broker_url_override=redis_url,
         celery_result_backend_override=redis_url,

@@ -21,7 +21,7 @@ def _docker_reachable() -> bool:
         import docker
 
         docker.from_env(timeout=2).ping()
-    except Exception:  # noqa: BLE001 - any failure means "no usable Docker engine"
+    except Exception:  # any failure means "no usable Docker engine"
         return False
     return True
 

@@ -1,0 +1,73 @@
+"""The outbox payloads a transfer produces are JSON-safe and carry the transfer's facts."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL, TransferFacts, transfer_messages
+from core.money import check_transfer_amount, format_amount, parse_amount
+
+amounts = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("1000000"), places=2)
+facts = st.builds(
+    TransferFacts,
+    transaction_id=st.uuids(),
+    from_account_id=st.uuids(),
+    to_account_id=st.uuids(),
+    amount=amounts,
+    currency=st.from_regex(r"[A-Z]{3}", fullmatch=True),
+    status=st.just("SUCCESS"),
+    created_at=st.datetimes(timezones=st.just(UTC)),
+    source_email=st.emails(),
+)
+
+
+@given(facts)
+def test_every_payload_survives_a_json_round_trip(transfer: TransferFacts) -> None:
+    for message in transfer_messages(transfer):
+        assert json.loads(json.dumps(message.kwargs)) == message.kwargs
+
+
+@given(facts)
+def test_a_transfer_produces_exactly_its_two_tasks(transfer: TransferFacts) -> None:
+    email, audit = transfer_messages(transfer)
+    assert email.task_name == SEND_TRANSACTION_EMAIL
+    assert email.kwargs == {
+        "email": transfer.source_email,
+        "amount": format_amount(transfer.amount),
+        "status": "SUCCESS",
+    }
+    assert audit.task_name == AUDIT_LOG_TRANSACTION
+    assert audit.kwargs["transaction_id"] == str(transfer.transaction_id)
+    data = audit.kwargs["data"]
+    assert Decimal(data["amount"]) == transfer.amount
+    assert uuid.UUID(data["from_account_id"]) == transfer.from_account_id
+    assert datetime.fromisoformat(data["created_at"]) == transfer.created_at
+
+
+@given(amounts)
+def test_valid_amounts_round_trip_through_their_wire_form(amount: Decimal) -> None:
+    assert check_transfer_amount(parse_amount(format_amount(amount)), Decimal("1000000")) == amount
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=3, min_value=Decimal("0.001"), max_value=Decimal(10)))
+def test_fractions_of_a_cent_are_refused(amount: Decimal) -> None:
+    if amount == amount.quantize(Decimal("0.01")):
+        assert check_transfer_amount(amount, Decimal(100)) == amount
+    else:
+        with pytest.raises(ValueError, match="decimal places"):
+            check_transfer_amount(amount, Decimal(100))
+
+
+def test_naive_and_aware_times_are_not_mixed() -> None:
+    moment = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=1)
+    payload = transfer_messages(
+        TransferFacts(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), Decimal("1.00"), "EUR", "SUCCESS", moment, "a@b.co")
+    )[1].kwargs
+    assert payload["data"]["created_at"].endswith("+00:00")
