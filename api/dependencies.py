@@ -20,7 +20,8 @@ class AppState:
     transfers: TransferService
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: a plain def dependency would cost a thread-pool hop on every request.
     state: AppState = request.app.state.services
     return state
 

@@ -78,6 +78,14 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     return error_response(503, "database_unavailable", "the database is unreachable; try again shortly")
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
+    # No statement means the error came while connecting (server down, too many clients).
+    if exc.statement is None or exc.connection_invalidated:
+        return await _database_unavailable(request, exc)
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal error")
@@ -90,5 +98,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for error in (OperationalError, InterfaceError, ConnectionError, OSError):
         app.add_exception_handler(error, _database_unavailable)
-    app.add_exception_handler(DBAPIError, _unexpected)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -21,14 +21,18 @@ async def add_outbox_rows(
     The ids become the Celery task ids.
     """
     ids = [uuid.uuid4() for _ in messages]
-    await session.execute(
-        insert(Outbox),
-        [
-            {"id": row_id, "task_name": m.task_name, "kwargs": m.kwargs, "transaction_id": transaction_id}
-            for row_id, m in zip(ids, messages, strict=True)
-        ],
-    )
+    rows = [
+        {"id": row_id, "task_name": m.task_name, "kwargs": m.kwargs, "transaction_id": transaction_id}
+        for row_id, m in zip(ids, messages, strict=True)
+    ]
+    # A prebuilt statement run as executemany: compiled once, pipelined by asyncpg.
+    connection = await session.connection()
+    await connection.execute(_ADD, rows)
     return ids
+
+
+_ADD = insert(Outbox)
+_NOTIFY = select(func.pg_notify(OUTBOX_CHANNEL, ""))
 
 
 class CommitNotifier:
@@ -50,5 +54,5 @@ class CommitNotifier:
         if now - self._last < self._interval:
             return False
         self._last = now
-        await session.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
+        await (await session.connection()).execute(_NOTIFY)
         return True
