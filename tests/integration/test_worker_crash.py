@@ -1,0 +1,110 @@
+"""A worker SIGKILLed in the middle of its tasks: a new worker finishes them, effects exactly once.
+
+Worker A takes both tasks and is killed while the audit task sleeps and while the SMTP
+server holds its reply to the email (the email is not accepted until that reply). Redis
+keeps the two messages as unacknowledged; once they are older than the visibility timeout,
+worker B's sweep puts them back on the queue. B takes over the email's expired lease, sends
+the email once and writes the audit row once, and both outbox rows complete.
+
+The visibility timeout is short here (6 s), and kombu applies it to every unacknowledged
+message of the Redis database: run this only against a test database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from celery.result import AsyncResult
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
+from tests.smtp import smtp_sink
+from tests.workers import start_worker, worker_env, worker_settings
+from worker.celery_app import create_celery_app
+
+SLOW = 2  # seconds: the audit's latency and the SMTP server's reply delay (under the soft limit)
+LIMITS = {
+    "celery_task_time_limit": 4,  # also the email lease: expired by the time Redis redelivers
+    "celery_task_soft_time_limit": 3,
+    "celery_visibility_timeout": 6,
+    "celery_retry_backoff_max": 1,
+    "audit_write_delay": SLOW,
+}
+
+
+async def _insert(engine: AsyncEngine, task_name: str, kwargs: dict[str, Any]) -> str:
+    outbox_id = str(uuid.uuid4())
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
+                "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), 'published', now())"
+            ),
+            {"id": outbox_id, "name": task_name, "kwargs": json.dumps(kwargs)},
+        )
+    return outbox_id
+
+
+async def _rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with engine.connect() as connection:
+        return list((await connection.execute(text(sql), params)).all())
+
+
+async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(
+    database_url: str, redis_url: str, engine: AsyncEngine
+) -> None:
+    started = time.monotonic()
+    queue = f"test-crash-{uuid.uuid4().hex[:8]}"
+    email = {"email": "payer@example.com", "amount": "99.99", "status": "SUCCESS"}
+    audit = {"transaction_id": str(uuid.uuid4()), "data": {"amount": "99.99"}}
+    email_id = await _insert(engine, SEND_TRANSACTION_EMAIL, email)
+    audit_id = await _insert(engine, AUDIT_LOG_TRANSACTION, audit)
+
+    with smtp_sink(reply_delay=SLOW) as sink:
+        settings = worker_settings(
+            database_url, redis_url, celery_task_queue=queue, smtp_host=sink.host, smtp_port=sink.port, **LIMITS
+        )
+        env = worker_env(settings)
+        client = create_celery_app(settings)
+        with start_worker(env, queue=queue) as worker_a:
+            client.send_task(SEND_TRANSACTION_EMAIL, kwargs=email, task_id=email_id)
+            client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=audit_id)
+            await asyncio.to_thread(worker_a.wait_for_log, f"transaction_id={audit['transaction_id']}")
+            await asyncio.to_thread(_wait_for, lambda: sink.started >= 1)
+            worker_a.kill()  # SIGKILL: no acknowledgement, no clean-up
+            worker_a.process.wait(timeout=5)
+
+        assert sink.count == 0
+        assert await _rows(engine, "SELECT 1 FROM audit_log WHERE task_id = :id", id=audit_id) == []
+
+        # Worker B uses the prefork pool: the tasks' database access must also work after a fork.
+        with start_worker(env, queue=queue, pool="prefork", concurrency=2) as worker_b:
+            results = [
+                await asyncio.to_thread(AsyncResult(task_id, app=client).get, timeout=30)
+                for task_id in (email_id, audit_id)
+            ]
+            assert f"[{email_id}] received" in worker_b.log()
+            assert f"[{audit_id}] received" in worker_b.log()
+        client.close()
+
+    assert [result["task_id"] for result in results] == [email_id, audit_id]
+    assert len(sink.received(message_id=f"<{email_id}@outbox-transfers>")) == 1
+    assert sink.count == 1
+    assert len(await _rows(engine, "SELECT 1 FROM audit_log WHERE task_id = :id", id=audit_id)) == 1
+    states = await _rows(
+        engine, "SELECT state FROM outbox WHERE id IN (CAST(:a AS uuid), CAST(:b AS uuid))", a=email_id, b=audit_id
+    )
+    assert [row.state for row in states] == ["completed", "completed"]
+    assert time.monotonic() - started < 60
+
+
+def _wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

@@ -1,0 +1,169 @@
+"""A real `celery -A worker.celery_app worker` process runs the tasks sent by name.
+
+One worker (threads pool) and one SMTP sink serve the module; each module run uses its own
+queue, so parallel test sessions on the same Redis never take each other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery.result import AsyncResult
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
+from core.settings import Settings
+from tests.smtp import SmtpSink, smtp_sink
+from tests.workers import RunningWorker, start_worker, worker_env, worker_settings
+from worker.celery_app import WorkerApp, create_celery_app
+from worker.errors import InvalidTaskArguments
+
+# Short limits so a duplicate waiting for another delivery's lease comes back within seconds.
+LIMITS = {
+    "celery_task_time_limit": 4,
+    "celery_task_soft_time_limit": 3,
+    "celery_visibility_timeout": 10,
+    "celery_retry_backoff_max": 5,
+}
+EMAIL = {"email": "payer@example.com", "amount": "12.50", "status": "SUCCESS"}
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[SmtpSink]:
+    with smtp_sink() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def worker_config(database_url: str, redis_url: str, sink: SmtpSink) -> Settings:
+    queue = f"test-worker-{uuid.uuid4().hex[:8]}"
+    return worker_settings(
+        database_url, redis_url, celery_task_queue=queue, smtp_host=sink.host, smtp_port=sink.port, **LIMITS
+    )
+
+
+@pytest.fixture(scope="module")
+def worker(worker_config: Settings) -> Iterator[RunningWorker]:
+    with start_worker(worker_env(worker_config), queue=worker_config.celery_task_queue) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(worker_config: Settings) -> Iterator[WorkerApp]:
+    """Publishes by name to the worker's queue and reads the result backend, like the relay."""
+    app = create_celery_app(worker_config)
+    yield app
+    app.close()
+
+
+async def insert_outbox_row(engine: AsyncEngine, task_name: str, kwargs: dict[str, Any]) -> str:
+    outbox_id = str(uuid.uuid4())
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
+                "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), 'published', now())"
+            ),
+            {"id": outbox_id, "name": task_name, "kwargs": json.dumps(kwargs)},
+        )
+    return outbox_id
+
+
+async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as connection:
+        return (await connection.execute(text(sql), params)).scalar()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], *, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, f"condition not met within {within}s"
+        await asyncio.sleep(0.1)
+
+
+async def result_of(client: WorkerApp, task_id: str, within: float = 20.0) -> Any:
+    return await asyncio.to_thread(AsyncResult(task_id, app=client).get, timeout=within)
+
+
+async def test_a_worker_runs_both_tasks_sent_by_name(
+    worker: RunningWorker, client: WorkerApp, engine: AsyncEngine, sink: SmtpSink, redis_url: str
+) -> None:
+    audit = {"transaction_id": str(uuid.uuid4()), "data": {"amount": "12.50", "currency": "EUR"}}
+    email_id = await insert_outbox_row(engine, SEND_TRANSACTION_EMAIL, EMAIL)
+    audit_id = await insert_outbox_row(engine, AUDIT_LOG_TRANSACTION, audit)
+    client.send_task(SEND_TRANSACTION_EMAIL, kwargs=EMAIL, task_id=email_id)
+    client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=audit_id)
+
+    email_result = await result_of(client, email_id)
+    audit_result = await result_of(client, audit_id)
+
+    assert email_result == {"success": True, "message": email_result["message"], "task_id": email_id}
+    assert audit_result == {
+        "success": True,
+        "message": audit_result["message"],
+        "task_id": audit_id,
+        "transaction_id": audit["transaction_id"],
+    }
+    # Stored by the worker in the Redis result backend, under the task ids.
+    backend = redis.Redis.from_url(redis_url)
+    for task_id, expected in ((email_id, email_result), (audit_id, audit_result)):
+        stored = json.loads(backend.get(f"celery-task-meta-{task_id}") or b"{}")
+        assert (stored.get("status"), stored.get("result")) == ("SUCCESS", expected)
+    backend.close()
+    assert len(sink.received(message_id=f"<{email_id}@outbox-transfers>")) == 1
+    assert await scalar(engine, "SELECT data FROM audit_log WHERE task_id = :id", id=audit_id) == audit["data"]
+    # Completion is recorded on the outbox rows, keyed by the task id.
+    for outbox_id in (email_id, audit_id):
+        state = await scalar(engine, "SELECT state FROM outbox WHERE id = CAST(:id AS uuid)", id=outbox_id)
+        assert state == "completed"
+
+
+async def test_the_same_task_id_delivered_twice_has_one_effect(
+    worker: RunningWorker, client: WorkerApp, engine: AsyncEngine, sink: SmtpSink
+) -> None:
+    audit = {"transaction_id": str(uuid.uuid4()), "data": {"n": 1}}
+    email_id = await insert_outbox_row(engine, SEND_TRANSACTION_EMAIL, EMAIL)
+    audit_id = await insert_outbox_row(engine, AUDIT_LOG_TRANSACTION, audit)
+    # Two deliveries at once (as after a relay crash), then a third after the effect exists.
+    for _ in range(2):
+        client.send_task(SEND_TRANSACTION_EMAIL, kwargs=EMAIL, task_id=email_id)
+        client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=audit_id)
+    for task_name, task_id in ((SEND_TRANSACTION_EMAIL, email_id), (AUDIT_LOG_TRANSACTION, audit_id)):
+        await asyncio.to_thread(worker.wait_for_log, f"Task {task_name}[{task_id}] succeeded", count=2, timeout=20)
+    client.send_task(SEND_TRANSACTION_EMAIL, kwargs=EMAIL, task_id=email_id)
+    client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=audit_id)
+    for task_name, task_id in ((SEND_TRANSACTION_EMAIL, email_id), (AUDIT_LOG_TRANSACTION, audit_id)):
+        await asyncio.to_thread(worker.wait_for_log, f"Task {task_name}[{task_id}] succeeded", count=3, timeout=20)
+
+    assert len(sink.received(message_id=f"<{email_id}@outbox-transfers>")) == 1
+    assert await scalar(engine, "SELECT count(*) FROM audit_log WHERE task_id = :id", id=audit_id) == 1
+    assert (await result_of(client, audit_id))["task_id"] == audit_id
+
+
+async def test_bad_arguments_fail_visibly_and_mark_the_row_failed(
+    worker: RunningWorker, client: WorkerApp, engine: AsyncEngine
+) -> None:
+    outbox_id = await insert_outbox_row(engine, SEND_TRANSACTION_EMAIL, {})
+    client.send_task(SEND_TRANSACTION_EMAIL, kwargs={**EMAIL, "email": "not-an-email"}, task_id=outbox_id)
+
+    with pytest.raises(InvalidTaskArguments, match="email"):
+        await result_of(client, outbox_id)
+    assert AsyncResult(outbox_id, app=client).state == "FAILURE"
+
+    async def row_failed() -> bool:
+        state = await scalar(engine, "SELECT state FROM outbox WHERE id = CAST(:id AS uuid)", id=outbox_id)
+        return bool(state == "failed")
+
+    await wait_until(row_failed)
+    error = await scalar(engine, "SELECT last_error FROM outbox WHERE id = CAST(:id AS uuid)", id=outbox_id)
+    assert "InvalidTaskArguments" in error
+    assert "email" in error
+    assert f"[{outbox_id}] retry" not in worker.log()

@@ -1,0 +1,330 @@
+"""The tasks run in-process (Celery's eager `apply`) against the real test database.
+
+Properties of every task call: its log line holds its inputs, its result has the documented
+shape and its own task id, its effect happens once per task id, and bad arguments fail at
+once without a retry and mark the outbox row failed. Transient failures are retried, then
+fail visibly. Delays are 0 here except in the two timing tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL, TransferFacts, transfer_messages
+from core.settings import Settings
+from tests.smtp import smtp_sink
+from tests.workers import worker_settings
+from worker.celery_app import WorkerApp, create_celery_app
+from worker.errors import InvalidTaskArguments, PermanentDeliveryError
+
+EXAMPLES = hypothesis_settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+TASK_LOGGER = "worker.tasks"
+
+
+def _build_app(settings: Settings) -> Iterator[WorkerApp]:
+    app = create_celery_app(settings)
+    try:
+        yield app
+    finally:
+        app.database.close()
+
+
+@pytest.fixture(scope="module")
+def app(database_url: str, redis_url: str) -> Iterator[WorkerApp]:
+    yield from _build_app(worker_settings(database_url, redis_url))
+
+
+def query(app: WorkerApp, sql: str, **params: Any) -> list[Any]:
+    async def run(engine: AsyncEngine) -> list[Any]:
+        async with engine.begin() as connection:
+            return list((await connection.execute(text(sql), params)).all())
+
+    return app.database.run(run)
+
+
+def insert_outbox_row(app: WorkerApp, task_name: str, kwargs: dict[str, Any], state: str = "published") -> str:
+    outbox_id = str(uuid.uuid4())
+    query(
+        app,
+        "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
+        "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), :state, now()) RETURNING id",
+        id=outbox_id,
+        name=task_name,
+        kwargs=json.dumps(kwargs),
+        state=state,
+    )
+    return outbox_id
+
+
+def outbox_row(app: WorkerApp, outbox_id: str) -> Any:
+    return query(app, "SELECT state, last_error, completed_at FROM outbox WHERE id = CAST(:id AS uuid)", id=outbox_id)[
+        0
+    ]
+
+
+emails = st.builds(
+    "{}@{}.{}".format,
+    st.from_regex(r"[a-z0-9]{1,12}([._+-][a-z0-9]{1,8}){0,2}", fullmatch=True),
+    st.from_regex(r"[a-z][a-z0-9-]{0,12}[a-z0-9]", fullmatch=True),
+    st.sampled_from(["com", "org", "net", "io"]),
+)
+amounts = st.decimals(min_value=0, max_value=10**12, places=2).map(str)
+safe_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=30)
+statuses = safe_text.filter(bool)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**15), 10**15) | safe_text,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(safe_text, children, max_size=3),
+    max_leaves=10,
+)
+audit_data = st.dictionaries(safe_text, json_values, max_size=5)
+
+
+def _our_records(caplog: pytest.LogCaptureFixture, task_id: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == TASK_LOGGER and getattr(r, "task_id", None) == task_id]
+
+
+@given(email=emails, amount=amounts, status=statuses)
+@EXAMPLES
+def test_email_task_logs_its_inputs_and_returns_its_own_id(
+    app: WorkerApp, caplog: pytest.LogCaptureFixture, email: str, amount: str, status: str
+) -> None:
+    caplog.set_level(logging.INFO, logger=TASK_LOGGER)
+    outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {"email": email, "amount": amount, "status": status})
+    outcome = app.tasks[SEND_TRANSACTION_EMAIL].apply(
+        kwargs={"email": email, "amount": amount, "status": status}, task_id=outbox_id
+    )
+    assert outcome.status == "SUCCESS", outcome.traceback
+    assert set(outcome.result) == {"success", "message", "task_id"}
+    assert outcome.result["success"] is True
+    assert outcome.result["task_id"] == outbox_id
+    assert isinstance(outcome.result["message"], str)
+    (record,) = _our_records(caplog, outbox_id)
+    assert all(value in record.getMessage() for value in (email, amount, status))
+    assert outbox_row(app, outbox_id).state == "completed"
+
+
+@given(transaction_id=statuses, data=audit_data)
+@EXAMPLES
+def test_audit_task_logs_its_inputs_and_returns_its_own_id(
+    app: WorkerApp, caplog: pytest.LogCaptureFixture, transaction_id: str, data: dict[str, Any]
+) -> None:
+    caplog.set_level(logging.INFO, logger=TASK_LOGGER)
+    outbox_id = insert_outbox_row(app, AUDIT_LOG_TRANSACTION, {"transaction_id": transaction_id, "data": data})
+    outcome = app.tasks[AUDIT_LOG_TRANSACTION].apply(
+        kwargs={"transaction_id": transaction_id, "data": data}, task_id=outbox_id
+    )
+    assert outcome.status == "SUCCESS", outcome.traceback
+    assert outcome.result == {
+        "success": True,
+        "message": outcome.result["message"],
+        "task_id": outbox_id,
+        "transaction_id": transaction_id,
+    }
+    (record,) = _our_records(caplog, outbox_id)
+    assert transaction_id in record.getMessage()
+    assert json.dumps(data, sort_keys=True, ensure_ascii=False) in record.getMessage()
+    assert getattr(record, "transaction_id", None) == transaction_id
+    rows = query(app, "SELECT transaction_id, data FROM audit_log WHERE task_id = :id", id=outbox_id)
+    assert [(row.transaction_id, row.data) for row in rows] == [(transaction_id, data)]
+    assert outbox_row(app, outbox_id).state == "completed"
+
+
+def _bad_email_arguments() -> st.SearchStrategy[dict[str, Any]]:
+    good = {"email": "a@example.com", "amount": "10.00", "status": "SUCCESS"}
+    broken_values = {
+        "email": st.sampled_from(["", "not-an-email", "a@", "@b.com", 42, None]),
+        "amount": st.sampled_from(["ten", "", "1e", "NaN", "Infinity", "-5", 12.5, 10, None, [1]]),
+        "status": st.sampled_from(["", 1, None, {"s": 1}]),
+    }
+    wrong_value = st.sampled_from(sorted(good)).flatmap(
+        lambda key: broken_values[key].map(lambda value: {**good, key: value})
+    )
+    missing_key = st.sampled_from(sorted(good)).map(lambda key: {k: v for k, v in good.items() if k != key})
+    extra_key = st.just({**good, "unexpected": 1})
+    return wrong_value | missing_key | extra_key
+
+
+def _bad_audit_arguments() -> st.SearchStrategy[dict[str, Any]]:
+    good: dict[str, Any] = {"transaction_id": "t-1", "data": {"amount": "1.00"}}
+    return st.sampled_from(
+        [
+            {"data": {}},
+            {"transaction_id": "t-1"},
+            {**good, "transaction_id": 7},
+            {**good, "transaction_id": ""},
+            {**good, "data": "not a dict"},
+            {**good, "data": [1, 2]},
+            {**good, "extra": True},
+        ]
+    )
+
+
+@given(
+    case=st.one_of(
+        _bad_email_arguments().map(lambda kwargs: (SEND_TRANSACTION_EMAIL, kwargs)),
+        _bad_audit_arguments().map(lambda kwargs: (AUDIT_LOG_TRANSACTION, kwargs)),
+    )
+)
+@EXAMPLES
+def test_bad_arguments_fail_at_once_and_mark_the_row_failed(
+    app: WorkerApp, caplog: pytest.LogCaptureFixture, case: tuple[str, dict[str, Any]]
+) -> None:
+    caplog.set_level(logging.INFO, logger=TASK_LOGGER)
+    task_name, kwargs = case
+    outbox_id = insert_outbox_row(app, task_name, {"as": "published"})
+    outcome = app.tasks[task_name].apply(kwargs=kwargs, task_id=outbox_id)
+    assert outcome.status == "FAILURE"
+    assert isinstance(outcome.result, InvalidTaskArguments)
+    assert not [r for r in _our_records(caplog, outbox_id) if "retry" in r.getMessage()]
+    row = outbox_row(app, outbox_id)
+    assert row.state == "failed"
+    assert row.last_error.startswith("InvalidTaskArguments: invalid arguments")
+
+
+def test_positional_arguments_are_refused(app: WorkerApp) -> None:
+    outcome = app.tasks[AUDIT_LOG_TRANSACTION].apply(args=("t-1", {}), task_id=str(uuid.uuid4()))
+    assert outcome.status == "FAILURE"
+    assert isinstance(outcome.result, InvalidTaskArguments)
+
+
+@given(
+    amount=st.decimals(min_value=Decimal("0.01"), max_value=Decimal("1000000"), places=2),
+    email=emails,
+    status=st.sampled_from(["SUCCESS", "PENDING"]),
+)
+@EXAMPLES
+def test_every_outbox_payload_is_json_and_accepted_by_its_task(
+    app: WorkerApp, amount: Decimal, email: str, status: str
+) -> None:
+    from datetime import UTC, datetime
+
+    facts = TransferFacts(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), amount, "EUR", status, datetime.now(UTC), email)
+    for message in transfer_messages(facts):
+        kwargs = json.loads(json.dumps(message.kwargs))  # what the broker carries
+        assert kwargs == message.kwargs
+        outcome = app.tasks[message.task_name].apply(kwargs=kwargs, task_id=str(uuid.uuid4()))
+        assert outcome.status == "SUCCESS", outcome.traceback
+
+
+def test_a_second_delivery_of_an_audit_writes_nothing_and_returns_the_same_result(app: WorkerApp) -> None:
+    outbox_id = insert_outbox_row(app, AUDIT_LOG_TRANSACTION, {})
+    kwargs = {"transaction_id": "t-dup", "data": {"n": 1}}
+    first = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
+    second = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
+    assert first.result == second.result
+    assert query(app, "SELECT count(*) AS n FROM audit_log WHERE task_id = :id", id=outbox_id)[0].n == 1
+
+
+def test_tasks_sent_by_hand_with_any_id_still_run(app: WorkerApp) -> None:
+    outcome = app.tasks[AUDIT_LOG_TRANSACTION].apply(
+        kwargs={"transaction_id": "t", "data": {}}, task_id="made-up-by-hand"
+    )
+    assert outcome.result["task_id"] == "made-up-by-hand"
+
+
+def test_an_email_is_sent_once_per_task_id(database_url: str, redis_url: str) -> None:
+    with smtp_sink() as sink:
+        settings = worker_settings(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port)
+        for app in _build_app(settings):
+            task_id = str(uuid.uuid4())
+            kwargs = {"email": "once@example.com", "amount": "5.00", "status": "SUCCESS"}
+            results = [app.tasks[SEND_TRANSACTION_EMAIL].apply(kwargs=kwargs, task_id=task_id) for _ in range(3)]
+    assert [r.result for r in results] == [results[0].result] * 3
+    assert [m["Message-ID"] for m in sink.messages] == [f"<{task_id}@outbox-transfers>"]
+    assert sink.messages[0]["To"] == "once@example.com"
+
+
+def test_an_unreachable_database_is_retried_then_fails_visibly(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=TASK_LOGGER)
+    settings = worker_settings("postgresql://postgres@127.0.0.1:9/nowhere", redis_url, celery_task_max_retries=2)
+    for app in _build_app(settings):
+        task_id = str(uuid.uuid4())
+        outcome = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs={"transaction_id": "t", "data": {}}, task_id=task_id)
+    assert outcome.status == "FAILURE"
+    assert isinstance(outcome.result, OSError)
+    retries = [r for r in _our_records(caplog, task_id) if "transient failure" in r.getMessage()]
+    assert len(retries) == 2
+
+
+def test_an_unreachable_mail_server_is_retried_then_marks_the_row_failed(
+    app: WorkerApp, database_url: str, redis_url: str
+) -> None:
+    outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {})
+    with smtp_sink() as sink:
+        closed_port = sink.port
+    settings = worker_settings(database_url, redis_url, smtp_host="127.0.0.1", smtp_port=closed_port)
+    settings = settings.model_copy(update={"celery_task_max_retries": 1, "smtp_timeout": 2.0})
+    for failing in _build_app(settings):
+        outcome = failing.tasks[SEND_TRANSACTION_EMAIL].apply(
+            kwargs={"email": "x@example.com", "amount": "1.00", "status": "SUCCESS"}, task_id=outbox_id
+        )
+    assert outcome.status == "FAILURE"
+    assert isinstance(outcome.result, ConnectionRefusedError)
+    row = outbox_row(app, outbox_id)
+    assert row.state == "failed"
+    assert "ConnectionRefusedError" in row.last_error
+    # Each failed attempt gave its lease back, so a retry never waits for its own lease.
+    lease = query(app, "SELECT state, lease_until <= now() AS free FROM task_runs WHERE task_id = :id", id=outbox_id)
+    assert [(r.state, r.free) for r in lease] == [("running", True)]
+
+
+def test_a_refused_email_fails_without_retry(app: WorkerApp, database_url: str, redis_url: str) -> None:
+    outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {})
+    with smtp_sink(reply="550 5.1.1 mailbox unavailable") as sink:
+        settings = worker_settings(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port)
+        for refusing in _build_app(settings):
+            outcome = refusing.tasks[SEND_TRANSACTION_EMAIL].apply(
+                kwargs={"email": "gone@example.com", "amount": "1.00", "status": "SUCCESS"}, task_id=outbox_id
+            )
+    assert outcome.status == "FAILURE"
+    assert isinstance(outcome.result, PermanentDeliveryError)
+    assert outbox_row(app, outbox_id).state == "failed"
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize(
+    ("task_name", "kwargs", "seconds"),
+    [
+        (SEND_TRANSACTION_EMAIL, {"email": "t@example.com", "amount": "1.00", "status": "SUCCESS"}, 2.0),
+        (AUDIT_LOG_TRANSACTION, {"transaction_id": "t", "data": {}}, 1.0),
+    ],
+)
+def test_default_delays(
+    database_url: str, redis_url: str, task_name: str, kwargs: dict[str, Any], seconds: float
+) -> None:
+    defaults = Settings()
+    settings = worker_settings(
+        database_url,
+        redis_url,
+        email_send_delay=defaults.email_send_delay,
+        audit_write_delay=defaults.audit_write_delay,
+    )
+    for app in _build_app(settings):
+        app.database.run(_noop)  # connect first: time the task, not the first connection
+        started = time.monotonic()
+        outcome = app.tasks[task_name].apply(kwargs=kwargs, task_id=str(uuid.uuid4()))
+        elapsed = time.monotonic() - started
+    assert outcome.status == "SUCCESS"
+    assert elapsed >= seconds
+
+
+async def _noop(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))

@@ -1,0 +1,80 @@
+"""A real SMTP server for the tests (aiosmtpd) that keeps what it receives."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+
+@dataclass
+class SmtpSink:
+    """What the sink accepted. A message counts only once the client had its 250 reply sent."""
+
+    host: str
+    port: int
+    reply_delay: float = 0.0
+    reply: str = "250 OK"
+    messages: list[Message] = field(default_factory=list)
+    started: int = 0  # messages whose data arrived, replied to or not
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.messages)
+
+    def received(self, *, message_id: str | None = None) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if message_id is None or m["Message-ID"] == message_id]
+
+    def wait_for(self, count: int, *, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} emails within {timeout}s, got {self.count}")
+            time.sleep(0.05)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        # A client that goes away during the delay cancels this coroutine (aiosmtpd does so
+        # on connection loss), so a killed sender's message is never counted.
+        with self._lock:
+            self.started += 1
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
+        if self.reply.startswith("250"):
+            with self._lock:
+                self.messages.append(message_from_bytes(envelope.content))
+        return self.reply
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def smtp_sink(*, reply_delay: float = 0.0, reply: str = "250 OK") -> Iterator[SmtpSink]:
+    """Run an SMTP server on 127.0.0.1 for the duration of the block; yield what it received.
+
+    `reply_delay` holds the reply to each message for that many seconds, to catch a sender
+    in the middle of a send; `reply` is the answer to every message (a 5xx refuses it).
+    """
+    sink = SmtpSink("127.0.0.1", _free_port(), reply_delay, reply)
+    controller = Controller(sink, hostname=sink.host, port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()

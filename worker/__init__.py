@@ -1,0 +1,1 @@
+"""The Celery worker: the transfer tasks and the once-only effects they make."""
