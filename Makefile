@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .DEFAULT_GOAL := help
 
@@ -16,13 +17,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+$(RUN_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[run]'
+	@touch $(RUN_STAMP)
+
 install: $(STAMP) ## Create .venv and install the project with its dev extra
 
-run: $(STAMP) ## Start PostgreSQL/Redis (found or embedded), migrate, run API + relay + worker
-	$(BIN)/python -m devservers.run
+run: $(RUN_STAMP) ## Start PostgreSQL/Redis (found or embedded), migrate, run API + relay + worker (ARGS=--embedded)
+	$(BIN)/python -m devservers.run $(ARGS)
 
-demo: $(STAMP) ## Against a running `make run`: two accounts, a few transfers, their tasks' states
-	$(BIN)/python -m devservers.demo
+demo: $(RUN_STAMP) ## Against a running `make run`: two accounts, a few transfers, their tasks' states
+	$(BIN)/python -m devservers.demo $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite against real PostgreSQL, Redis and Celery
 	$(BIN)/pytest -q

@@ -1,0 +1,180 @@
+"""docker-compose.yml, Dockerfile, Procfile and .env.example keep their shape (no Docker engine runs here).
+
+Each test pins one promise of the deployment: servers with health checks and a durable broker, migrations
+before the service starts, one image and one environment for every process, and an .env.example that
+lists every setting so it cannot fall behind core/settings.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from honcho.environ import parse_procfile
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+APP_SERVICES = ("migrate", "api", "relay", "celery_worker", "flower")
+LONG_RUNNING = ("api", "relay", "celery_worker")
+WORKER_COMMAND = ["celery", "-A", "worker.celery_app", "worker", "--loglevel=info"]
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    found: dict[str, dict[str, Any]] = compose["services"]
+    return found
+
+
+def _healthy(*names: str) -> dict[str, dict[str, str]]:
+    return {name: {"condition": "service_healthy"} for name in names}
+
+
+def test_every_service_is_there(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == {"postgres", "redis", *APP_SERVICES}
+
+
+def test_postgres_has_a_health_check_and_a_volume(services: dict[str, dict[str, Any]]) -> None:
+    postgres = services["postgres"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert any(volume.endswith(":/var/lib/postgresql/data") for volume in postgres["volumes"])
+
+
+def test_redis_is_durable_and_has_a_health_check(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(volume.endswith(":/data") for volume in redis["volumes"])
+    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+
+
+def test_volumes_are_named_so_data_survives_a_recreate() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert {"postgres-data", "redis-data"} <= set(compose["volumes"])
+
+
+def test_migrate_runs_once_after_postgres_is_healthy(services: dict[str, dict[str, Any]]) -> None:
+    migrate = services["migrate"]
+    assert migrate["command"] == ["alembic", "upgrade", "head"]
+    assert migrate["depends_on"] == _healthy("postgres")
+    assert migrate["restart"] == "no"
+
+
+def test_the_service_starts_after_migrations_and_healthy_servers(services: dict[str, dict[str, Any]]) -> None:
+    for name in LONG_RUNNING:
+        depends_on = services[name]["depends_on"]
+        assert depends_on["migrate"] == {"condition": "service_completed_successfully"}, name
+        assert depends_on["redis"] == {"condition": "service_healthy"}, name
+        assert depends_on["postgres"] == {"condition": "service_healthy"}, name
+
+
+def test_commands(services: dict[str, dict[str, Any]]) -> None:
+    api = services["api"]["command"]
+    assert api[:2] == ["uvicorn", "api.main:app"]
+    assert api[api.index("--port") + 1] == "8000"
+    assert api[api.index("--host") + 1] == "0.0.0.0"
+    assert any(port.endswith(":8000") for port in services["api"]["ports"])
+    assert services["relay"]["command"] == ["python", "-m", "relay"]
+    assert services["celery_worker"]["command"] == WORKER_COMMAND
+
+
+def test_every_app_process_shares_image_env_and_restart_policy(services: dict[str, dict[str, Any]]) -> None:
+    api = services["api"]
+    assert api["build"] == "."
+    assert api["env_file"] == ".env"
+    for name in APP_SERVICES:
+        service = services[name]
+        for key in ("image", "build", "env_file", "volumes"):
+            assert service.get(key) == api.get(key), f"{name}.{key}"
+        assert service["environment"]["POSTGRES_HOST"] == "postgres", name
+        assert service["environment"]["REDIS_HOST"] == "redis", name
+    for name in ("postgres", "redis", *LONG_RUNNING, "flower"):
+        assert services[name]["restart"] == "unless-stopped", name
+
+
+def test_flower_is_optional(services: dict[str, dict[str, Any]]) -> None:
+    flower = services["flower"]
+    assert flower["profiles"] == ["monitoring"]
+    assert flower["command"][:4] == ["celery", "-A", "worker.celery_app", "flower"]
+    assert any(port.endswith(":5555") for port in flower["ports"])
+    assert "profiles" not in services["celery_worker"]
+
+
+def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+    """The full schema check, where a docker-compose binary exists (the structure tests above run everywhere)."""
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        pytest.skip("no docker-compose binary")
+    (tmp_path / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+    result = subprocess.run(
+        [tool, "--profile", "monitoring", "config", "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_commands_name_modules_that_exist() -> None:
+    for module in ("api.main", "relay.__main__", "worker.celery_app"):
+        assert importlib.util.find_spec(module) is not None, module
+    assert (ROOT / "alembic.ini").is_file()
+
+
+def test_procfile_runs_what_compose_runs() -> None:
+    processes = parse_procfile((ROOT / "Procfile").read_text()).processes
+    assert set(processes) == {"api", "relay", "worker"}
+    assert "uvicorn api.main:app" in processes["api"]
+    assert processes["relay"].endswith("python -m relay")
+    assert processes["worker"].endswith(" ".join(WORKER_COMMAND))
+    # Crash-restart wrapper: honcho stops everything when one process exits (see devservers/keepalive.py).
+    for name in ("relay", "worker"):
+        assert "devservers.keepalive --" in processes[name], name
+
+
+def test_image_is_slim_unprivileged_and_has_flower() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.MULTILINE)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
+    assert users, "the image must not run as root"
+    assert users[-1] not in {"root", "0"}
+    extras = set(re.findall(r'pip install[^\n]*"\.\[([\w,-]+)\]"', dockerfile)[0].split(","))
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "dev" not in extras, "the image carries no test tools"
+    installed = [requirement for extra in extras for requirement in optional.get(extra, [])]
+    assert any(requirement.startswith("flower") for requirement in installed), "the flower service needs flower"
+
+
+def test_secrets_stay_out_of_the_image() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ".env" in ignored
+    assert not {"alembic.ini", "migrations", "README.md", "pyproject.toml"} & set(ignored)
+
+
+def _example_lines() -> list[str]:
+    return (ROOT / ".env.example").read_text().splitlines()
+
+
+def test_env_example_names_every_setting() -> None:
+    named = {match.group(1) for line in _example_lines() if (match := re.match(r"^#?\s*([A-Z][A-Z0-9_]*)=", line))}
+    expected = {(field.alias or name).upper() for name, field in Settings.model_fields.items()}
+    assert expected - named == set(), "add these to .env.example"
+    assert named - expected == set(), "these are not settings (any more)"
+
+
+def test_env_example_values_are_valid_and_the_defaults() -> None:
+    example = Settings(_env_file=ROOT / ".env.example")
+    defaults = Settings(_env_file=None)
+    differing = {name for name in Settings.model_fields if getattr(example, name) != getattr(defaults, name)}
+    # The one deliberate exception: Compose's postgres image will not start without a password.
+    assert differing <= {"postgres_password"}
