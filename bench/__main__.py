@@ -1,0 +1,107 @@
+"""`python -m bench [--quick] [--only SCENARIO ...]`: every figure, with ratios against baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import api_cost, relay_scenarios
+from bench.environment import ROOT, bench_redis_url, fresh_database
+from bench.report import chart, print_table, targets
+from bench.stats import Figure
+
+
+@dataclass(frozen=True)
+class Plan:
+    connections: list[int]
+    http_seconds: float
+    repeats: int
+    backlog: int
+    baseline_backlog: int
+    memory_backlogs: tuple[int, int]
+    rates: list[int]
+    latency_seconds: float
+    capacity_transfers: int
+
+
+FULL = Plan([1, 16, 64], 8.0, 3, 100_000, 20_000, (100_000, 1_000_000), [200, 1000], 10.0, 600)
+QUICK = Plan([16], 1.5, 1, 20_000, 3_000, (10_000, 100_000), [200], 3.0, 100)
+SCENARIOS = ("api", "throughput", "latency", "memory", "worker")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run under a minute")
+    parser.add_argument("--only", nargs="*", choices=SCENARIOS, default=list(SCENARIOS))
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    redis_url = bench_redis_url()
+    figures: list[Figure] = []
+    samples: dict[str, list[float]] = {}
+    started = time.monotonic()
+    with fresh_database() as database_url:
+        if "api" in args.only:
+            figures += api_cost.measure(
+                database_url,
+                redis_url,
+                workdir,
+                connections=plan.connections,
+                duration=plan.http_seconds,
+                repeats=plan.repeats,
+            )
+            figures += api_cost.measure_broker_down(database_url, workdir, duration=plan.http_seconds)
+        if "throughput" in args.only:
+            figures += relay_scenarios.relay_throughput(
+                database_url,
+                redis_url,
+                workdir,
+                rows=plan.backlog,
+                baseline_rows=plan.baseline_backlog,
+                repeats=plan.repeats,
+            )
+        if "latency" in args.only:
+            found, samples = relay_scenarios.latency(
+                database_url, redis_url, workdir, rates=plan.rates, duration=plan.latency_seconds, repeats=plan.repeats
+            )
+            figures += found
+        if "memory" in args.only:
+            small, large = plan.memory_backlogs
+            figures += relay_scenarios.relay_memory(
+                database_url, redis_url, workdir, small=small, large=large, repeats=plan.repeats
+            )
+        if "worker" in args.only:
+            figures += relay_scenarios.worker_capacity(
+                database_url, redis_url, workdir, transfers=plan.capacity_transfers, repeats=plan.repeats
+            )
+    checks = targets(figures, plan.memory_backlogs)
+    print_table(figures, checks)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    document = {
+        "when": stamp,
+        "quick": args.quick,
+        "elapsed_s": time.monotonic() - started,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "figures": [figure.as_dict() for figure in figures],
+        "targets": [check.as_dict() for check in checks],
+    }
+    output = results_dir / f"bench-{stamp}.json"
+    output.write_text(json.dumps(document, indent=2, default=str))
+    (results_dir / "latest.json").write_text(json.dumps(document, indent=2, default=str))
+    if samples:
+        chart(samples, results_dir / f"latency-{stamp}.png")
+    print(f"\nwrote {output.relative_to(ROOT)} (logs in {workdir})")
+
+
+if __name__ == "__main__":
+    main()
