@@ -40,6 +40,11 @@ def check_time_limits(settings: Settings) -> None:
             f"CELERY_VISIBILITY_TIMEOUT ({visibility}) must be longer than CELERY_TASK_TIME_LIMIT ({hard}): "
             "otherwise Redis hands a task that is still running to a second worker"
         )
+    if settings.smtp_timeout >= hard:
+        raise ValueError(
+            f"SMTP_TIMEOUT ({settings.smtp_timeout}) must be shorter than CELERY_TASK_TIME_LIMIT ({hard}): "
+            "an email's lease lasts the time limit, and the threads pool does not enforce it"
+        )
     backoff = settings.celery_retry_backoff_max
     if visibility <= hard + backoff:
         raise ValueError(

@@ -25,7 +25,7 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection (asyncpg `timeout`)
 STATEMENT_TIMEOUT_MS = 10_000  # PostgreSQL cancels a statement after this
 CALL_TIMEOUT = 30.0  # a whole call, including waiting for a pooled connection
-_IN_FLIGHT_POOLS = frozenset({"threads", "gevent", "eventlet"})
+_IN_FLIGHT_POOLS = frozenset({"threads"})
 
 
 def engine_options(settings: Settings) -> dict[str, Any]:

@@ -31,6 +31,7 @@ SLOW = 2  # seconds: the audit's latency and the SMTP server's reply delay (unde
 LIMITS = {
     "celery_task_time_limit": 4,  # also the email lease: expired by the time Redis redelivers
     "celery_task_soft_time_limit": 3,
+    "smtp_timeout": 3,  # under the time limit, which is also the email's lease
     "celery_visibility_timeout": 6,
     "celery_retry_backoff_max": 1,
     "audit_write_delay": SLOW,

@@ -30,6 +30,7 @@ from worker.errors import InvalidTaskArguments
 LIMITS = {
     "celery_task_time_limit": 4,
     "celery_task_soft_time_limit": 3,
+    "smtp_timeout": 3,  # under the time limit, which is also the email's lease
     "celery_visibility_timeout": 10,
     "celery_retry_backoff_max": 5,
 }

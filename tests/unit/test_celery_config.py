@@ -85,6 +85,7 @@ def test_urls_are_built_from_redis_parts(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"celery_task_time_limit": 60, "celery_visibility_timeout": 60}, "CELERY_VISIBILITY_TIMEOUT"),
         ({"celery_task_time_limit": 30, "celery_task_soft_time_limit": 30}, "CELERY_TASK_SOFT_TIME_LIMIT"),
         ({"celery_task_time_limit": 60, "celery_retry_backoff_max": 60, "celery_visibility_timeout": 120}, "BACKOFF"),
+        ({"celery_task_time_limit": 10, "celery_task_soft_time_limit": 5, "smtp_timeout": 10}, "SMTP_TIMEOUT"),
     ],
 )
 def test_limits_that_break_redelivery_are_refused(values: dict[str, int], variable: str) -> None:
@@ -111,6 +112,7 @@ def valid_environments(draw: st.DrawFn) -> dict[str, str]:
         "CELERY_WORKER_CONCURRENCY": str(draw(st.integers(1, 512))),
         "CELERY_TASK_QUEUE": draw(st.from_regex(r"[a-z][a-z0-9._-]{0,30}", fullmatch=True)),
         "CELERY_TASK_MAX_RETRIES": str(draw(st.integers(0, 50))),
+        "SMTP_TIMEOUT": str(draw(st.floats(min_value=0.1, max_value=hard - 0.5))),
     }
 
 
