@@ -1,0 +1,172 @@
+"""Publishers: hand a batch of claimed rows to the broker and say, per row, whether it was accepted.
+
+Two implementations behind one small interface:
+- RedisBatchPublisher: builds each message with Celery's code in the exact form the Redis
+  transport writes, and LPUSHes the whole batch in one pipeline round trip (the fast path).
+- SendTaskPublisher: Celery's send_task per row, for any broker, off the event loop.
+Both have a timeout, so a hung broker connection cannot stall the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from core.settings import Settings
+from relay.celery_app import create_celery_app
+from relay.claims import OutboxRow
+from relay.messages import RedisMessageBuilder
+
+# One publish outcome per row, in order: None when the broker accepted it, else the error text.
+Outcomes = list[str | None]
+
+
+class Publisher(Protocol):
+    async def publish(self, rows: Sequence[OutboxRow]) -> Outcomes:
+        """Publish each row as a task named row.task_name with task id str(row.id).
+
+        Never raises for a broker or message problem: every row gets an outcome. A row
+        reported as failed may still have reached the broker (e.g. a timeout after the
+        write); the caller treats that as a possible duplicate, never as a loss.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class RedisBatchPublisher:
+    """One pipelined round trip per batch to a Redis broker (redis:// or rediss://)."""
+
+    def __init__(self, app: Celery, broker_url: str, queue: str, timeout: float) -> None:
+        self._builder = RedisMessageBuilder(app, queue)
+        self._timeout = timeout
+        # No automatic retries: a retried pipeline could push the batch twice, and the relay
+        # already retries each row with backoff.
+        self._redis = Redis.from_url(
+            broker_url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
+        self._declared = False
+
+    async def publish(self, rows: Sequence[OutboxRow]) -> Outcomes:
+        outcomes: Outcomes = [None] * len(rows)
+        # One LPUSH per list key with every payload, in claim order: Redis pushes the values
+        # one after the other, exactly as one LPUSH per message would, for a fraction of the cost.
+        by_key: dict[str, tuple[list[int], list[str]]] = {}
+        for index, row in enumerate(rows):
+            try:
+                key, payload = self._builder.build(str(row.id), row.task_name, row.kwargs)
+            except Exception as exc:  # a poison row fails alone, whatever it raises
+                outcomes[index] = f"cannot build message: {describe(exc)}"
+                continue
+            indexes, payloads = by_key.setdefault(key, ([], []))
+            indexes.append(index)
+            payloads.append(payload)
+        if not by_key:
+            return outcomes
+        pipeline = self._redis.pipeline(transaction=False)
+        for key, (_, payloads) in by_key.items():
+            pipeline.lpush(key, *payloads)
+        if not self._declared:
+            for command, key, member in self._builder.binding_commands():
+                getattr(pipeline, command)(key, member)
+        try:
+            async with asyncio.timeout(self._timeout):
+                results = await pipeline.execute(raise_on_error=False)
+        except Exception as exc:  # any broker failure fails the batch's rows, never the relay
+            results = [exc] * len(by_key)
+        finally:
+            await pipeline.reset()  # type: ignore[no-untyped-call]
+        for (indexes, _), result in zip(by_key.values(), results, strict=False):
+            if isinstance(result, Exception):
+                for index in indexes:
+                    outcomes[index] = f"broker did not accept the message: {describe(result)}"
+        self._declared = not any(isinstance(r, Exception) for r in results)
+        return outcomes
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class SendTaskPublisher:
+    """Celery's send_task per row, in a worker thread, for brokers without a batch path."""
+
+    def __init__(self, app: Celery, queue: str, timeout: float) -> None:
+        self._app = app
+        self._queue = queue
+        self._timeout = timeout
+        # One thread: publishes stay in claim order, and a hung call blocks only publishing.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-send-task")
+
+    async def publish(self, rows: Sequence[OutboxRow]) -> Outcomes:
+        outcomes: list[str | _Pending | None] = [PENDING] * len(rows)
+        give_up = threading.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._publish_all, rows, outcomes, give_up)
+        done_before = -1
+        # The timeout applies to progress, not to the batch: it fires only if no row completes
+        # within it, however large the batch.
+        while True:
+            finished, _ = await asyncio.wait({future}, timeout=self._timeout)
+            done_now = sum(1 for o in outcomes if o is not PENDING)
+            if finished or done_now == done_before:
+                break
+            done_before = done_now
+        if not future.done():
+            give_up.set()
+        timed_out = f"publish timed out after {self._timeout:g}s"
+        return [timed_out if o is PENDING else o for o in list(outcomes)]  # type: ignore[misc]
+
+    def _publish_all(
+        self, rows: Sequence[OutboxRow], outcomes: list[str | _Pending | None], give_up: threading.Event
+    ) -> None:
+        with self._app.producer_or_acquire() as producer:
+            for index, row in enumerate(rows):
+                if give_up.is_set():
+                    return
+                try:
+                    self._app.send_task(
+                        row.task_name, kwargs=row.kwargs, task_id=str(row.id), queue=self._queue, producer=producer
+                    )
+                except (OperationalError, OSError) as exc:
+                    # The connection is down: the rest of the batch would fail the same way, slowly.
+                    error = f"broker unavailable: {describe(exc)}"
+                    for rest in range(index, len(rows)):
+                        outcomes[rest] = error
+                    return
+                except Exception as exc:  # a poison row fails alone
+                    outcomes[index] = f"cannot publish: {describe(exc)}"
+                else:
+                    outcomes[index] = None
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Pending:
+    """Marks a row whose outcome the publishing thread has not written yet."""
+
+
+PENDING = _Pending()
+
+
+def create_publisher(settings: Settings) -> Publisher:
+    """The fast Redis publisher when the broker is Redis and RELAY_FAST_PUBLISH is on, else send_task."""
+    app = create_celery_app(settings)
+    broker_url = settings.celery_broker_url
+    if settings.relay_fast_publish and urlsplit(broker_url).scheme in ("redis", "rediss"):
+        return RedisBatchPublisher(app, broker_url, settings.celery_task_queue, settings.relay_publish_timeout)
+    return SendTaskPublisher(app, settings.celery_task_queue, settings.relay_publish_timeout)

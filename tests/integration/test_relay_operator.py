@@ -1,0 +1,154 @@
+"""The operator commands as an operator runs them: `python -m relay status|dead|replay|purge`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.contract import OutboxState
+from core.settings import Settings
+from devservers.embedded import free_port
+from relay.db import connect
+from tests.relays import relay_env, run_relay_command
+
+pytestmark = pytest.mark.e2e
+
+ROW = """
+INSERT INTO outbox (id, task_name, kwargs, state, attempts, last_error, created_at, published_at, completed_at)
+VALUES ($1, 'audit_log_transaction', '{}', $2::text, $3, $4, now() - make_interval(secs => $5),
+        CASE WHEN $2::text IN ('published', 'completed') THEN now() - make_interval(secs => $5) END,
+        CASE WHEN $2::text = 'completed' THEN now() - make_interval(secs => $5) + interval '0.25 s' END)
+"""
+
+
+@pytest.fixture
+async def db(settings: Settings, engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    connection = await connect(settings, "test-relay-operator")
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def env(settings: Settings, redis_url: str) -> dict[str, str]:
+    return relay_env(settings, redis_url, "unused")
+
+
+async def add(
+    db: asyncpg.Connection, state: str, age_s: float = 1.0, attempts: int = 0, error: str | None = None
+) -> uuid.UUID:
+    row_id = uuid.uuid4()
+    await db.execute(ROW, row_id, state, attempts, error, age_s)
+    return row_id
+
+
+async def test_status_reports_counts_ages_and_latency(db: asyncpg.Connection, env: dict[str, str]) -> None:
+    await add(db, OutboxState.PENDING, age_s=30)
+    await add(db, OutboxState.PUBLISHED, age_s=20)
+    for _ in range(3):
+        await add(db, OutboxState.COMPLETED, age_s=10)
+    await add(db, OutboxState.DEAD)
+
+    result = run_relay_command(env, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"pending": 1, "published": 1, "completed": 3, "failed": 0, "dead": 1}
+    assert 29 < report["oldest_pending_age_s"] < 60
+    assert 19 < report["oldest_published_not_completed_age_s"] < 50
+    assert report["published_last_minute"] == 4
+    assert report["completed_last_minute"] == 3
+    assert report["commit_to_completed_p50_s"] == pytest.approx(0.25, abs=0.01)
+    assert report["commit_to_completed_p99_s"] == pytest.approx(0.25, abs=0.01)
+
+    text = run_relay_command(env, "status")
+    assert text.returncode == 0
+    assert "pending:    1" in text.stdout
+    assert "commit->completed (last minute):  p50 250.0 ms, p99 250.0 ms" in text.stdout
+
+
+async def test_status_on_an_empty_outbox(db: asyncpg.Connection, env: dict[str, str]) -> None:
+    result = run_relay_command(env, "status")
+    assert result.returncode == 0
+    assert "oldest pending:                   none" in result.stdout
+    assert "n/a" in result.stdout
+
+
+async def test_dead_lists_dead_and_failed_rows_and_replay_brings_them_back(
+    db: asyncpg.Connection, env: dict[str, str]
+) -> None:
+    dead = await add(db, OutboxState.DEAD, attempts=10, error="broker unavailable: refused")
+    failed = await add(db, OutboxState.FAILED, attempts=1, error="InvalidTaskArguments: amount")
+    other_dead = await add(db, OutboxState.DEAD, attempts=10, error="cannot build message")
+    published = await add(db, OutboxState.PUBLISHED)
+
+    listing = run_relay_command(env, "dead")
+    assert listing.returncode == 0
+    lines = listing.stdout.strip().splitlines()
+    assert lines[0].split("\t") == ["id", "state", "task_name", "attempts", "republishes", "last_error"]
+    assert {line.split("\t")[0] for line in lines[1:]} == {str(dead), str(failed), str(other_dead)}
+    assert f"{failed}\tfailed\taudit_log_transaction\t1\t0\tInvalidTaskArguments: amount" in lines
+
+    one = run_relay_command(env, "replay", str(failed))
+    assert (one.returncode, one.stdout.strip()) == (0, "replayed 1 row(s)")
+    rest = run_relay_command(env, "replay", "--all-dead")
+    assert (rest.returncode, rest.stdout.strip()) == (0, "replayed 2 row(s)")
+    rows = {r["id"]: r for r in await db.fetch("SELECT id, state, attempts, last_error FROM outbox")}
+    for row_id in (dead, failed, other_dead):
+        assert (rows[row_id]["state"], rows[row_id]["attempts"]) == (OutboxState.PENDING, 0)
+        assert rows[row_id]["last_error"] == "replayed by operator"
+
+    not_dead = run_relay_command(env, "replay", str(published), str(uuid.uuid4()))
+    assert not_dead.returncode == 1
+    assert f"error: {published} is not a dead or failed outbox row" in not_dead.stderr
+    assert rows[published]["state"] == OutboxState.PUBLISHED
+    assert run_relay_command(env, "dead").stdout.strip() == "no dead or failed rows"
+
+
+async def test_purge_deletes_old_completed_rows_only(db: asyncpg.Connection, env: dict[str, str]) -> None:
+    week = 7 * 86_400
+    old_completed = await add(db, OutboxState.COMPLETED, age_s=week + 3600)
+    keep = {
+        await add(db, OutboxState.COMPLETED, age_s=week - 3600),
+        await add(db, OutboxState.PUBLISHED, age_s=week + 3600),
+        await add(db, OutboxState.PENDING, age_s=week + 3600),
+        await add(db, OutboxState.DEAD, age_s=week + 3600),
+        await add(db, OutboxState.FAILED, age_s=week + 3600),
+    }
+    result = run_relay_command(env, "purge", "--older-than", "7d")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("purged 1 row(s)")
+    remaining = {r["id"] for r in await db.fetch("SELECT id FROM outbox")}
+    assert remaining == keep
+    assert old_completed not in remaining
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay"], "replay needs outbox ids, --all-dead or --all-failed"),
+        (["replay", "not-a-uuid"], "not an outbox id (UUID)"),
+        (["replay", "--all-dead", str(uuid.UUID(int=1))], "either ids or --all-dead"),
+        (["purge", "--older-than", "7x"], "invalid duration '7x'"),
+        (["purge"], "the following arguments are required: --older-than"),
+        (["dead", "--limit", "0"], "must be a positive integer"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(env: dict[str, str], args: list[str], message: str) -> None:
+    result = run_relay_command(env, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("args", [["status"], ["dead"], ["replay", "--all-dead"], ["purge", "--older-than", "1d"]])
+def test_unreachable_database_exits_1_with_a_clear_message(settings: Settings, args: list[str]) -> None:
+    env = relay_env(
+        settings, "redis://127.0.0.1:1/0", "unused", DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    )
+    result = run_relay_command(env, *args)
+    assert result.returncode == 1
+    assert "error: cannot reach the database" in result.stderr

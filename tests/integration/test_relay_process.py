@@ -1,0 +1,236 @@
+"""`python -m relay` as a real process: wake-up, crash, SIGTERM, two relays, outages, reconciler.
+
+Each test uses its own queue on a Redis server of this module's own (stopped and restarted
+by the outage test), and the session's test database, truncated per test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from decimal import Decimal
+from typing import TypeVar
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from core.contract import OutboxState
+from core.outbox import CommitNotifier
+from core.settings import Settings
+from core.transfers import TransferRequest, TransferService, create_account
+from relay.db import connect
+from tests.relays import PrivateRedis, RelayProcess, new_queue, private_redis, queued_messages, relay_env, start_relay
+
+pytestmark = pytest.mark.e2e
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[PrivateRedis]:
+    with private_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def queue() -> str:
+    return new_queue()
+
+
+@pytest.fixture
+async def db(settings: Settings, engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    connection = await connect(settings, "test-relay-process")
+    yield connection
+    await connection.close()
+
+
+def env_for(settings: Settings, broker: PrivateRedis, queue: str, **extra: str) -> dict[str, str]:
+    return relay_env(settings, broker.url, queue, LOG_JSON="true", **extra)
+
+
+async def fill(db: asyncpg.Connection, count: int) -> None:
+    await db.execute(
+        "INSERT INTO outbox (id, task_name, kwargs) "
+        "SELECT gen_random_uuid(), 'audit_log_transaction', jsonb_build_object('transaction_id', g::text) "
+        "FROM generate_series(1, $1) g",
+        count,
+    )
+
+
+async def until(check: Callable[[], Awaitable[T]], what: str, within: float = 30.0) -> T:
+    """Poll `check` until it returns something truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not (value := await check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return value
+
+
+def published(db: asyncpg.Connection, at_least: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await count_state(db, OutboxState.PUBLISHED) >= at_least
+
+    return check
+
+
+def logged(relay: RelayProcess, text: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return text in relay.log()
+
+    return check
+
+
+async def count_state(db: asyncpg.Connection, state: str) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM outbox WHERE state = $1", state))
+
+
+def batch_logs(relay: RelayProcess) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in relay.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "relay.batch"]
+
+
+async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
+    settings: Settings,
+    session_factory: async_sessionmaker[AsyncSession],
+    db: asyncpg.Connection,
+    broker: PrivateRedis,
+    queue: str,
+) -> None:
+    payer = await create_account(session_factory, "payer@example.com", "EUR", Decimal("100.00"))
+    payee = await create_account(session_factory, "payee@example.com", "EUR", Decimal("0.00"))
+    service = TransferService(session_factory, CommitNotifier(0.01))
+    # A long idle poll: only the NOTIFY (or the linger after it) can explain a fast pick-up.
+    with start_relay(env_for(settings, broker, queue, RELAY_POLL_INTERVAL="30")) as relay:
+        await until(logged(relay, "relay.connected"), what="relay connected")
+        for _ in range(20):
+            await service.transfer(TransferRequest(payer.id, payee.id, Decimal("1.00")))
+            await asyncio.sleep(0.01)
+        await until(published(db, 40), what="40 rows published")
+        lag = await db.fetchval("SELECT max(extract(epoch FROM published_at - created_at)) FROM outbox")
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+    assert lag < 2.0
+    ids = [str(r["id"]) for r in await db.fetch("SELECT id FROM outbox")]
+    assert sorted(m.task_id for m in queued_messages(broker.client(), queue)) == sorted(ids)
+    assert all(line["claimed"] for line in batch_logs(relay))  # idle polls are not logged
+
+
+async def test_sigkill_mid_batch_then_restart_loses_nothing_and_duplicates_only_in_flight_rows(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+) -> None:
+    await fill(db, 20_000)
+    env = env_for(settings, broker, queue, RELAY_BATCH_SIZE="1000")
+    with start_relay(env) as relay:
+        await until(published(db, 1), what="first batch")
+        relay.signal(signal.SIGKILL)
+        relay.wait(10)
+    published_before_restart = await count_state(db, OutboxState.PUBLISHED)
+    assert 0 < published_before_restart < 20_000, "the kill should land mid-backlog"
+    with start_relay(env) as relay:
+        await until(published(db, 20_000), what="drained after restart")
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+
+    counts = Counter(m.task_id for m in queued_messages(broker.client(), queue))
+    ids = {str(r["id"]) for r in await db.fetch("SELECT id FROM outbox")}
+    assert set(counts) == ids  # none lost, nothing foreign
+    duplicates = [task_id for task_id, n in counts.items() if n > 1]
+    assert all(counts[task_id] == 2 for task_id in duplicates)
+    # Only the batches in flight when the process died (2 lanes x 1000 rows) can repeat.
+    assert len(duplicates) <= 2 * 1000
+
+
+async def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+) -> None:
+    await fill(db, 20_000)
+    with start_relay(env_for(settings, broker, queue, RELAY_BATCH_SIZE="1000")) as relay:
+        await until(published(db, 1), what="first batch")
+        stopped_at = time.monotonic()
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+        assert time.monotonic() - stopped_at < 5
+    marked = {str(r["id"]) for r in await db.fetch("SELECT id FROM outbox WHERE state = 'published'")}
+    queued = [m.task_id for m in queued_messages(broker.client(), queue)]
+    # No half-published batch: what reached the broker is exactly what is marked published.
+    assert sorted(queued) == sorted(marked)
+    assert 0 < len(marked) < 20_000
+    assert "relay stopped" in relay.log()
+
+
+async def test_two_relays_share_a_backlog_each_row_once_and_both_work(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+) -> None:
+    await fill(db, 20_000)
+    env = env_for(settings, broker, queue, RELAY_BATCH_SIZE="200")
+    with start_relay(env) as first, start_relay(env) as second:
+        await until(published(db, 20_000), what="drained by two relays")
+        for relay in (first, second):
+            relay.signal(signal.SIGTERM)
+        assert (first.wait(10), second.wait(10)) == (0, 0)
+    counts = Counter(m.task_id for m in queued_messages(broker.client(), queue))
+    assert len(counts) == 20_000
+    assert set(counts.values()) == {1}
+    work = [sum(int(str(line["published"])) for line in batch_logs(relay)) for relay in (first, second)]
+    assert sum(work) == 20_000
+    assert min(work) > 0, work
+
+
+async def test_broker_outage_backs_off_then_drains_and_database_drop_reconnects(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+) -> None:
+    env = env_for(settings, broker, queue, RELAY_BACKOFF_BASE="0.1", RELAY_BACKOFF_MAX="0.5", RELAY_PUBLISH_TIMEOUT="1")
+    with start_relay(env) as relay:
+        await until(logged(relay, "relay.connected"), what="relay connected")
+        broker.stop()
+        try:
+            await fill(db, 50)
+            await until(lambda: _min_attempts_at_least(db, 2), what="two failed attempts each")
+            rows = await db.fetch("SELECT state, published_at, last_error FROM outbox")
+            assert {r["state"] for r in rows} == {OutboxState.PENDING}
+            assert all(r["published_at"] is None and "broker" in r["last_error"] for r in rows)
+            assert relay.process.poll() is None  # still running
+        finally:
+            broker.start()
+        await until(published(db, 50), what="drained after the outage")
+
+        # The database drops the relay's connections: it reconnects and goes on.
+        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'relay%'")
+        await fill(db, 10)
+        await until(published(db, 60), what="published after reconnect")
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+    counts = Counter(m.task_id for m in queued_messages(broker.client(), queue))
+    assert len(counts) == 60
+    assert set(counts.values()) == {1}
+    assert "relay.reconnect" in relay.log()
+
+
+async def test_reconciler_republishes_an_uncompleted_row_then_gives_up(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+) -> None:
+    env = env_for(settings, broker, queue, RELAY_COMPLETION_DEADLINE="0.3", RELAY_MAX_REPUBLISHES="2")
+    await fill(db, 1)
+    with start_relay(env) as relay:
+        row = await until(
+            lambda: db.fetchrow("SELECT id, state, republishes, last_error FROM outbox WHERE state = 'dead'"),
+            what="dead after re-publishes",
+        )
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+    assert row is not None
+    assert row["republishes"] == 2
+    assert "after 2 re-publishes" in row["last_error"]
+    # Published once, then re-published twice with the same task id (no worker completed it).
+    assert [m.task_id for m in queued_messages(broker.client(), queue)] == [str(row["id"])] * 3
+    assert uuid.UUID(str(row["id"]))
+
+
+async def _min_attempts_at_least(db: asyncpg.Connection, attempts: int) -> bool:
+    return bool(await db.fetchval("SELECT min(attempts) >= $1 FROM outbox", attempts))
