@@ -1,0 +1,146 @@
+"""The whole service as real processes, the way a user runs it: API, relay and worker, with a
+private Redis (so a test may stop it) and a real SMTP sink. Every process is always stopped."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from devservers.embedded import free_port, wait_for_port
+from tests.relays import PrivateRedis
+from tests.smtp import SmtpSink
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Short limits and intervals so that faults resolve in seconds, not the production minutes.
+E2E_ENV = {
+    "EMAIL_SEND_DELAY": "0",
+    "AUDIT_WRITE_DELAY": "0.05",
+    "CELERY_TASK_QUEUE": "e2e",
+    "CELERY_TASK_TIME_LIMIT": "5",
+    "CELERY_TASK_SOFT_TIME_LIMIT": "4",
+    "SMTP_TIMEOUT": "4",
+    "CELERY_RETRY_BACKOFF_MAX": "2",
+    "CELERY_TASK_MAX_RETRIES": "20",
+    "CELERY_VISIBILITY_TIMEOUT": "10",
+    "CELERY_WORKER_CONCURRENCY": "8",
+    "RELAY_POLL_INTERVAL": "0.5",
+    "RELAY_BACKOFF_BASE": "0.1",
+    "RELAY_BACKOFF_MAX": "1",
+    "RELAY_MAX_ATTEMPTS": "1000",
+    "RELAY_PUBLISH_TIMEOUT": "2",
+    "RELAY_COMPLETION_DEADLINE": "15",
+    "RELAY_RECONCILE_INTERVAL": "1",
+    "RELAY_MAX_REPUBLISHES": "20",
+    "LOG_JSON": "false",
+}
+
+
+@dataclass
+class Managed:
+    """One long-running process of the service, restartable, with its output in a log file."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.starts += 1
+
+    def kill(self) -> None:
+        """SIGKILL the process (and anything it started): a crash, not a shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                child.kill()
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class System:
+    env: dict[str, str]
+    redis: PrivateRedis
+    smtp: SmtpSink
+    workdir: Path
+    api_port: int = field(default_factory=free_port)
+    processes: dict[str, Managed] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def add(self, name: str, args: list[str]) -> Managed:
+        managed = Managed(name, args, self.env, self.workdir / f"{name}.log")
+        self.processes[name] = managed
+        return managed
+
+    def start_all(self) -> None:
+        python = sys.executable
+        uvicorn = ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)]
+        self.add("api", [python, *uvicorn])
+        self.add("relay", [python, "-m", "relay"])
+        celery = [python, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=info"]
+        # Supervised like `make run` and compose do: Celery's worker may exit when the broker goes away.
+        keepalive = [python, "-m", "devservers.keepalive", "--delay", "0.5", "--max-delay", "2", "--"]
+        self.add("worker", [*keepalive, *celery, "--without-mingle", "--without-gossip"])
+        for managed in self.processes.values():
+            managed.start()
+        wait_for_port("127.0.0.1", self.api_port, timeout=30)
+        wait_until(lambda: "ready." in self.processes["worker"].log(), 30, "worker ready")
+
+    def kill_worker_process(self) -> None:
+        """SIGKILL the Celery worker itself (its keepalive supervisor restarts it)."""
+        supervisor = self.processes["worker"].process
+        assert supervisor is not None
+        for child in psutil.Process(supervisor.pid).children(recursive=True):
+            child.kill()
+
+    def stop_all(self) -> None:
+        for managed in reversed(list(self.processes.values())):
+            managed.stop()
+            managed.kill()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {name} =====\n{m.log()[-6000:]}" for name, m in self.processes.items())
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,112 @@
+"""Tasks are done when their effects exist, not when they are published (issue: never lost)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from core.settings import Settings
+from tests.e2e.queries import fetch
+from tests.e2e.system import ROOT, System, wait_until
+
+pytestmark = pytest.mark.e2e
+
+FAST_RECONCILE = {"RELAY_COMPLETION_DEADLINE": "2", "RELAY_RECONCILE_INTERVAL": "0.3"}
+
+
+def _transfer(system: System) -> str:
+    with system.client() as client:
+        source, target = (
+            client.post(
+                "/api/v1/accounts",
+                json={"owner_email": f"{name}@example.com", "currency": "EUR", "initial_balance": "50"},
+            ).json()["id"]
+            for name in ("ann", "bob")
+        )
+        response = client.post(
+            "/api/v1/transactions/transfer", json={"from_account_id": source, "to_account_id": target, "amount": "5.00"}
+        )
+    assert response.status_code == 201
+    transaction_id: str = response.json()["id"]
+    return transaction_id
+
+
+def _rows(database: str) -> dict[str, dict[str, object]]:
+    rows = fetch(database, "SELECT id::text AS id, task_name, state, republishes, last_error FROM outbox")
+    return {r["task_name"]: dict(r) for r in rows}
+
+
+@pytest.mark.parametrize("system_env", [FAST_RECONCILE])
+def test_a_message_the_broker_lost_is_republished_and_runs_once(system: System, settings: Settings) -> None:
+    database = settings.libpq_database_url
+    system.processes["worker"].stop()
+    transaction_id = _transfer(system)
+    wait_until(lambda: {r["state"] for r in _rows(database).values()} == {"published"}, 15, "both rows published")
+
+    broker = system.redis.client()
+    assert broker.llen("e2e") == 2
+    broker.delete("e2e")  # the broker loses both messages (a flush, a restart without persistence, kombu #305)
+    broker.close()
+    system.processes["worker"].start()
+
+    wait_until(lambda: {r["state"] for r in _rows(database).values()} == {"completed"}, 30, "rows completed")
+    rows = _rows(database)
+    assert all(r["republishes"] == 1 for r in rows.values()), rows
+    assert len(fetch(database, "SELECT 1 FROM audit_log WHERE transaction_id = $1", transaction_id)) == 1
+    assert system.smtp.count == 1
+
+
+@pytest.mark.parametrize("system_env", [FAST_RECONCILE])
+def test_a_task_that_always_fails_is_failed_not_republished_and_listed_as_dead(
+    system: System, settings: Settings
+) -> None:
+    database = settings.libpq_database_url
+    poison = str(uuid.uuid4())
+    fetch(
+        database,
+        "INSERT INTO outbox (id, task_name, kwargs) VALUES ($1, 'send_transaction_email', $2::jsonb)",
+        poison,
+        json.dumps({"email": "not-an-email", "amount": "1.00", "status": "SUCCESS"}),
+    )
+    wait_until(lambda: _rows(database)["send_transaction_email"]["state"] == "failed", 20, "the row failed")
+    time.sleep(3 * float(FAST_RECONCILE["RELAY_COMPLETION_DEADLINE"]))  # several reconcile passes
+
+    row = _rows(database)["send_transaction_email"]
+    assert row["state"] == "failed"
+    assert row["republishes"] == 0
+    assert "email" in str(row["last_error"])
+    listed = subprocess.run(
+        [sys.executable, "-m", "relay", "dead"], cwd=ROOT, env=system.env, capture_output=True, text=True, check=False
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert poison in listed.stdout
+
+
+@pytest.mark.parametrize("system_env", [{**FAST_RECONCILE, "AUDIT_WRITE_DELAY": "3"}])
+@pytest.mark.parametrize("smtp_reply_delay", [3.0])
+def test_a_slow_task_still_running_at_the_deadline_is_republished_once_and_its_effect_happens_once(
+    system: System, settings: Settings
+) -> None:
+    """Both tasks take 3 s, past the 2 s deadline, so each is re-published while it still runs.
+
+    How the effect stays single: the audit row is inserted in the same transaction as the
+    task's `task_runs` record, keyed by task id, so the second delivery finds the record and
+    writes nothing. The email's first delivery holds a lease in `task_runs`; the second finds
+    it live, waits for it, then sees the send recorded and does not send.
+    """
+    database = settings.libpq_database_url
+    transaction_id = _transfer(system)
+    wait_until(lambda: {r["state"] for r in _rows(database).values()} == {"completed"}, 30, "rows completed")
+    time.sleep(6)  # let the re-published duplicates run (and the reconciler look again)
+
+    rows = _rows(database)
+    assert {r["state"] for r in rows.values()} == {"completed"}
+    assert all(r["republishes"] == 1 for r in rows.values()), rows
+    assert len(fetch(database, "SELECT 1 FROM audit_log WHERE transaction_id = $1", transaction_id)) == 1
+    assert system.smtp.count == 1
+    assert system.smtp.started == 1, "the duplicate delivery reached the SMTP server"

@@ -1,0 +1,109 @@
+"""The promise checked from the outside, against the real API, relay and worker processes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from core.settings import Settings
+from tests.e2e.queries import all_completed, fetch, task_result
+from tests.e2e.system import System, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _accounts(system: System, *balances: str) -> list[str]:
+    with system.client() as client:
+        return [
+            client.post(
+                "/api/v1/accounts",
+                json={"owner_email": f"owner{i}@example.com", "currency": "EUR", "initial_balance": balance},
+            ).json()["id"]
+            for i, balance in enumerate(balances)
+        ]
+
+
+def test_a_transfer_runs_both_tasks_once(system: System, settings: Settings) -> None:
+    source, target = _accounts(system, "100.00", "0.00")
+    with system.client() as client:
+        response = client.post(
+            "/api/v1/transactions/transfer",
+            json={"from_account_id": source, "to_account_id": target, "amount": "25.00"},
+        )
+        assert response.status_code == 201
+        transaction_id = response.json()["id"]
+        database = settings.libpq_database_url
+        wait_until(lambda: all_completed(database), 30, "both tasks completed")
+        detail = client.get(f"/api/v1/transactions/{transaction_id}").json()
+
+    messages = {m["task_name"]: m for m in detail["messages"]}
+    assert set(messages) == {"send_transaction_email", "audit_log_transaction"}
+    assert all(m["state"] == "completed" and m["published_at"] and m["completed_at"] for m in messages.values())
+    audit = fetch(database, "SELECT task_id, data FROM audit_log WHERE transaction_id = $1", transaction_id)
+    assert len(audit) == 1
+    assert audit[0]["task_id"] == messages["audit_log_transaction"]["id"]
+    email_id = messages["send_transaction_email"]["id"]
+    assert len(system.smtp.received(message_id=f"<{email_id}@outbox-transfers>")) == 1
+    assert system.smtp.count == 1
+    for message in messages.values():
+        result = task_result(system.redis.url, message["id"])
+        assert result is not None
+        assert result["status"] == "SUCCESS"
+        assert result["result"]["task_id"] == message["id"]
+
+
+def test_failed_transfers_produce_no_task(system: System, settings: Settings) -> None:
+    source, target = _accounts(system, "10.00", "0.00")
+    with system.client() as client:
+        refused = [
+            client.post(
+                "/api/v1/transactions/transfer",
+                json={"from_account_id": source, "to_account_id": target, "amount": "10.01"},
+            ),
+            client.post(
+                "/api/v1/transactions/transfer",
+                json={
+                    "from_account_id": source,
+                    "to_account_id": "00000000-0000-4000-8000-000000000000",
+                    "amount": "1.00",
+                },
+            ),
+        ]
+        assert [r.status_code for r in refused] == [409, 404]
+        # A successful transfer afterwards proves the pipeline was live while the others were refused.
+        ok = client.post(
+            "/api/v1/transactions/transfer", json={"from_account_id": source, "to_account_id": target, "amount": "1.00"}
+        )
+        assert ok.status_code == 201
+    database = settings.libpq_database_url
+    wait_until(lambda: all_completed(database), 30, "the successful transfer's tasks")
+    assert fetch(database, "SELECT count(*) AS n FROM outbox")[0]["n"] == 2
+    assert [r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log")] == [ok.json()["id"]]
+    assert system.smtp.count == 1
+
+
+@pytest.mark.parametrize("system_env", [{"EMAIL_SEND_DELAY": "2", "AUDIT_WRITE_DELAY": "1", "SMTP_HOST": ""}])
+def test_the_api_answers_at_once_while_tasks_take_seconds(system: System, settings: Settings) -> None:
+    source, target = _accounts(system, "100.00", "0.00")
+    timings = []
+    started_all = time.monotonic()
+    with system.client() as client:
+        for _ in range(10):
+            started = time.perf_counter()
+            response = client.post(
+                "/api/v1/transactions/transfer",
+                json={"from_account_id": source, "to_account_id": target, "amount": "1.00"},
+            )
+            timings.append(time.perf_counter() - started)
+            assert response.status_code == 201
+    database = settings.libpq_database_url
+    wait_until(lambda: all_completed(database), 60, "the tasks, which take seconds")
+    tasks_took = time.monotonic() - started_all
+
+    # The email task sleeps 2 s and the audit task 1 s; a response that waited for either
+    # would take over a second. It answers in milliseconds while the tasks run behind it.
+    assert tasks_took >= 2.0
+    assert max(timings) < 1.0, timings
+    assert statistics.median(timings) < 0.25, timings
