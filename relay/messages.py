@@ -9,14 +9,16 @@ The result is the Redis key to LPUSH to and the JSON payload a worker reads from
 
 from __future__ import annotations
 
+import base64
+import itertools
 from bisect import bisect
 from typing import Any
 
+import orjson
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from kombu.entity import maybe_delivery_mode
 from kombu.transport.redis import Channel as RedisChannel
-from kombu.transport.virtual.base import Base64
 from kombu.utils.json import JSONEncoder
 from kombu.utils.uuid import uuid
 
@@ -53,42 +55,55 @@ class RedisMessageBuilder:
         self._send_sent_event: bool = conf.task_send_sent_event
         self._kwargsrepr_maxsize: int = app.amqp.kwargsrepr_maxsize
         self._repr_maxlevels: int = conf.task_repr_maxlevels
-        self._base64 = Base64()
-        # kombu.utils.json.dumps builds a new JSONEncoder() per call; one reused encoder writes the same text.
+        # For values orjson refuses (ints beyond 64 bits): kombu's own JSON encoder.
         self._encode_json = JSONEncoder().encode
         # What create_task_message computes per message when origin is not given; fixed per process.
         self._origin: str = anon_nodename()
         self._binding_member = self._sep.join([queue.routing_key or "", "", queue.name])
+        # Looked up once: Celery's cached properties cost a few microseconds per access.
+        self._create_task_message = app.amqp.create_task_message
+        self._thread_oid = app.thread_oid  # the relay builds messages on its one event-loop thread
+        # The Redis transport only needs delivery tags to be unique; kombu uses a uuid4 each, which
+        # cost a sixth of the relay's CPU. A uuid4 per builder plus a counter is unique too.
+        self._tag_prefix = uuid()
+        self._tags = itertools.count()
         self._binding_exchange: str = queue.exchange.name
 
-    def build(self, task_id: str, task_name: str, kwargs: Any, priority: int = 0) -> tuple[str, str]:
+    def build(self, task_id: str, task_name: str, kwargs: Any, priority: int = 0) -> tuple[str, bytes]:
         """The Redis list key and the JSON payload of one task message."""
-        headers, properties, body, _sent_event = self._app.amqp.create_task_message(
+        headers, properties, body, _sent_event = self._create_task_message(
             task_id, task_name, (), kwargs,
             None, None, None, None, None, 0, None, None, None,  # countdown .. link_error: none
-            self._app.thread_oid, None, None, self._send_sent_event,
+            self._thread_oid, None, None, self._send_sent_event,
             None, None, None, None,  # root_id, parent_id, shadow, chain
             ignore_result=None, replaced_task_nesting=0,
             argsrepr="()", kwargsrepr=kwargs_repr(kwargs, self._kwargsrepr_maxsize, self._repr_maxlevels),
             origin=self._origin,
         )  # fmt: skip
-        # What kombu's registered "json" serializer (kombu.utils.json.dumps) writes.
-        payload = self._encode_json(body)
+        # The same JSON values kombu's "json" serializer writes, encoded by orjson: JSON encoding
+        # was a third of the relay's CPU. Only the whitespace differs; a worker decodes the same.
+        payload = self._dumps(body)
         properties["delivery_mode"] = self._delivery_mode
         # Channel.prepare_message, then _inplace_augment_message for the anonymous exchange.
         properties.setdefault("delivery_info", {})
         properties.setdefault("priority", priority)
         properties["body_encoding"] = "base64"
-        properties["delivery_tag"] = uuid()
+        properties["delivery_tag"] = f"{self._tag_prefix}-{next(self._tags):012x}"
         properties["delivery_info"].update(exchange="", routing_key=self.queue_name)
         message = {
-            "body": self._base64.encode(payload),  # type: ignore[no-untyped-call]
+            "body": base64.b64encode(payload).decode("ascii"),  # kombu's Base64 body encoding
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
             "properties": properties,
         }
-        return self._queue_key(properties["priority"]), self._encode_json(message)
+        return self._queue_key(properties["priority"]), self._dumps(message)
+
+    def _dumps(self, value: Any) -> bytes:
+        try:
+            return orjson.dumps(value)
+        except TypeError:
+            return self._encode_json(value).encode()
 
     def binding_commands(self) -> list[tuple[str, str, str]]:
         """(command, key, member) pairs that declare the queue's binding, as send_task's declare does."""

@@ -65,7 +65,7 @@ class RedisBatchPublisher:
         outcomes: Outcomes = [None] * len(rows)
         # One LPUSH per list key with every payload, in claim order: Redis pushes the values
         # one after the other, exactly as one LPUSH per message would, for a fraction of the cost.
-        by_key: dict[str, tuple[list[int], list[str]]] = {}
+        by_key: dict[str, tuple[list[int], list[bytes]]] = {}
         for index, row in enumerate(rows):
             try:
                 key, payload = self._builder.build(str(row.id), row.task_name, row.kwargs)
