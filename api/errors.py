@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -96,7 +97,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InvalidField, _invalid_field)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for error in (OperationalError, InterfaceError, ConnectionError, OSError):
+    # The transfer runs on asyncpg directly: its connection errors mean the same thing.
+    driver_errors = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.OperatorInterventionError)
+    for error in (OperationalError, InterfaceError, ConnectionError, OSError, *driver_errors):
         app.add_exception_handler(error, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

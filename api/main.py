@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.dependencies import AppState
 from api.errors import install_error_handlers
@@ -16,18 +17,28 @@ from core.outbox import CommitNotifier
 from core.settings import Settings, get_settings
 from core.transfers import TransferService
 
+ServiceFactory = Callable[[AsyncEngine, Settings], TransferService]
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the database engine is created in the lifespan, not here."""
+
+def _transfer_service(engine: AsyncEngine, settings: Settings) -> TransferService:
+    return TransferService(engine, CommitNotifier(settings.outbox_notify_interval))
+
+
+def create_app(settings: Settings | None = None, transfer_service: ServiceFactory = _transfer_service) -> FastAPI:
+    """Build the app; the database engine is created in the lifespan, not here.
+
+    `transfer_service` builds the transfer use case (the benchmark swaps in its baselines).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or get_settings()
         configure_logging(resolved, "api")
-        engine = create_engine(resolved)
+        # No pre-ping: it cost three round trips per request. A connection broken by a database
+        # restart fails one request with 503 and is discarded (see DriverUnitOfWork).
+        engine = create_engine(resolved, pool_pre_ping=False)
         session_factory = create_session_factory(engine)
-        notifier = CommitNotifier(resolved.outbox_notify_interval)
-        app.state.services = AppState(resolved, engine, session_factory, TransferService(session_factory, notifier))
+        app.state.services = AppState(resolved, engine, session_factory, transfer_service(engine, resolved))
         try:
             yield
         finally:

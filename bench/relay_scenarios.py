@@ -22,7 +22,8 @@ QUEUE = "bench"
 
 
 def _env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
-    return service_env(database_url, redis_url, CELERY_TASK_QUEUE=QUEUE, **extra)
+    # INFO, as in production: the worker's readiness and the relay's batch lines are INFO logs.
+    return service_env(database_url, redis_url, CELERY_TASK_QUEUE=QUEUE, **{"LOG_LEVEL": "INFO", **extra})
 
 
 def relay_command() -> list[str]:
@@ -30,7 +31,18 @@ def relay_command() -> list[str]:
 
 
 def worker_command(concurrency: int | None = None) -> list[str]:
-    args = python("-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=warning", "-Q", QUEUE)
+    args = python(
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel=info",
+        "-Q",
+        QUEUE,
+        "--without-mingle",
+        "--without-gossip",
+    )
     if concurrency is not None:
         args.append(f"--concurrency={concurrency}")
     return args
@@ -64,6 +76,15 @@ def _wait_drained(database_url: str, timeout: float) -> None:
     raise TimeoutError(f"backlog not drained within {timeout}s")
 
 
+def _wait_for_log(path: Path, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{text!r} not in {path} after {timeout}s")
+
+
 def _peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -85,7 +106,7 @@ def drain(
             stack.enter_context(process(command, _env(database_url, redis_url), log=workdir / f"{label}-{i}.log"))
             for i in range(copies)
         ]
-        time.sleep(2.5)  # let them start and go idle, so the drain is timed, not the start-up
+        time.sleep(1.5)  # let them start and go idle, so the drain is timed, not the start-up
         asyncio.run(fill_backlog(database_url, rows))
         _wait_drained(database_url, timeout=max(120.0, rows / 1000))
         peaks = [_peak_rss_mib(child.pid) for child in children]
@@ -164,7 +185,7 @@ def latency_run(
     with ExitStack() as stack:
         stack.enter_context(process(publisher, env, log=workdir / f"{label}.log"))
         stack.enter_context(process(worker_command(), env, log=workdir / f"{label}-worker.log"))
-        time.sleep(3)
+        _wait_for_log(workdir / f"{label}-worker.log", "ready.")
         output = subprocess.run(
             python("-m", "bench.writer", "--rate", str(rate), "--duration", str(duration)),
             env=env,
@@ -173,7 +194,8 @@ def latency_run(
             text=True,
         ).stdout
         records = [json.loads(line) for line in output.splitlines()]
-        _wait_started(database_url, 2 * len(records), timeout=60)
+        # Bounded: above what one worker process sustains, the queue (and this wait) grows.
+        _wait_started(database_url, 2 * len(records), timeout=30)
     clear_queue(redis_url)
     return asyncio.run(_latencies(database_url, records))
 
@@ -216,7 +238,7 @@ def worker_capacity(database_url: str, redis_url: str, workdir: Path, *, transfe
         with ExitStack() as stack:
             stack.enter_context(process(relay_command(), env, log=workdir / "capacity-relay.log"))
             stack.enter_context(process(worker_command(), env, log=workdir / "capacity-worker.log"))
-            time.sleep(3)
+            _wait_for_log(workdir / "capacity-worker.log", "ready.")
             started = time.monotonic()
             output = subprocess.run(
                 python("-m", "bench.writer", "--rate", "1000", "--duration", str(transfers / 1000)),

@@ -6,7 +6,8 @@ import time
 import uuid
 from uuid import UUID
 
-from sqlalchemy import func, insert, select
+import asyncpg
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.contract import OUTBOX_CHANNEL, TaskMessage
@@ -32,7 +33,7 @@ async def add_outbox_rows(
 
 
 _ADD = insert(Outbox)
-_NOTIFY = select(func.pg_notify(OUTBOX_CHANNEL, ""))
+_NOTIFY = "SELECT pg_notify($1, '')"
 
 
 class CommitNotifier:
@@ -49,10 +50,11 @@ class CommitNotifier:
         self._interval = interval
         self._last = float("-inf")
 
-    async def maybe_notify(self, session: AsyncSession) -> bool:
+    async def maybe_notify(self, connection: asyncpg.Connection) -> bool:
+        """NOTIFY inside the caller's transaction (delivered at commit) unless one went out recently."""
         now = time.monotonic()
         if now - self._last < self._interval:
             return False
         self._last = now
-        await (await session.connection()).execute(_NOTIFY)
+        await connection.execute(_NOTIFY, OUTBOX_CHANNEL)
         return True

@@ -91,6 +91,7 @@ async def states(db: asyncpg.Connection) -> dict[uuid.UUID, asyncpg.Record]:
 
 
 async def test_committed_transfers_are_published_once_with_name_kwargs_and_task_id(
+    engine: AsyncEngine,
     relay_settings: Settings,
     session_factory: async_sessionmaker[AsyncSession],
     db: asyncpg.Connection,
@@ -99,7 +100,7 @@ async def test_committed_transfers_are_published_once_with_name_kwargs_and_task_
 ) -> None:
     payer = await create_account(session_factory, "payer@example.com", "EUR", Decimal("100.00"))
     payee = await create_account(session_factory, "payee@example.com", "EUR", Decimal("0.00"))
-    service = TransferService(session_factory, CommitNotifier(0))
+    service = TransferService(engine, CommitNotifier(0))
     for _ in range(15):
         await service.transfer(TransferRequest(payer.id, payee.id, Decimal("1.25")))
 

@@ -96,6 +96,7 @@ def batch_logs(relay: RelayProcess) -> list[dict[str, object]]:
 
 
 async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
+    engine: AsyncEngine,
     settings: Settings,
     session_factory: async_sessionmaker[AsyncSession],
     db: asyncpg.Connection,
@@ -104,7 +105,7 @@ async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
 ) -> None:
     payer = await create_account(session_factory, "payer@example.com", "EUR", Decimal("100.00"))
     payee = await create_account(session_factory, "payee@example.com", "EUR", Decimal("0.00"))
-    service = TransferService(session_factory, CommitNotifier(0.01))
+    service = TransferService(engine, CommitNotifier(0.01))
     # A long idle poll: only the NOTIFY (or the linger after it) can explain a fast pick-up.
     with start_relay(env_for(settings, broker, queue, RELAY_POLL_INTERVAL="30")) as relay:
         await until(logged(relay, "relay.connected"), what="relay connected")

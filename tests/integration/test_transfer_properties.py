@@ -38,7 +38,7 @@ async def _run(database_url: str, opening: list[Decimal], sequence: list[tuple[i
         async with engine.begin() as connection:
             await connection.execute(text("TRUNCATE task_runs, audit_log, outbox, transactions, accounts CASCADE"))
         ids = [(await create_account(factory, f"p{i}@example.com", "EUR", b)).id for i, b in enumerate(opening)]
-        service = TransferService(factory, CommitNotifier(0.0))
+        service = TransferService(engine, CommitNotifier(0.0))
         succeeded, failed = [], 0
         for source, target, amount in sequence:
             request = TransferRequest(

@@ -113,7 +113,7 @@ async def test_concurrent_transfers_both_ways_never_deadlock_and_balance(
     """Real concurrent transactions between few accounts, in both directions."""
     pooled = create_async_engine(settings.async_database_url, pool_size=16, max_overflow=0)
     factory: async_sessionmaker[AsyncSession] = async_sessionmaker(pooled, expire_on_commit=False)
-    service = TransferService(factory, CommitNotifier(0.0))
+    service = TransferService(pooled, CommitNotifier(0.0))
     accounts = [(await create_account(factory, f"u{i}@example.com", "EUR", Decimal("100.00"))).id for i in range(4)]
     rng = random.Random(7)
     outcomes = {"ok": 0, "insufficient": 0}
@@ -148,7 +148,7 @@ async def test_concurrent_requests_with_one_idempotency_key_make_one_transfer(
 ) -> None:
     pooled = create_async_engine(settings.async_database_url, pool_size=8)
     factory: async_sessionmaker[AsyncSession] = async_sessionmaker(pooled, expire_on_commit=False)
-    service = TransferService(factory, CommitNotifier(0.0))
+    service = TransferService(pooled, CommitNotifier(0.0))
     a = (await create_account(factory, "a@example.com", "EUR", Decimal("100"))).id
     b = (await create_account(factory, "b@example.com", "EUR", Decimal("0"))).id
 
