@@ -186,6 +186,11 @@ def latency_run(
         stack.enter_context(process(publisher, env, log=workdir / f"{label}.log"))
         stack.enter_context(process(worker_command(), env, log=workdir / f"{label}-worker.log"))
         _wait_for_log(workdir / f"{label}-worker.log", "ready.")
+        # Rows committed before the publisher listens would measure its start-up, not its latency.
+        if publisher == relay_command():
+            _wait_for_log(workdir / f"{label}.log", "relay.connected")
+        else:
+            time.sleep(1.5)
         output = subprocess.run(
             python("-m", "bench.writer", "--rate", str(rate), "--duration", str(duration)),
             env=env,

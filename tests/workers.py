@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.settings import Settings
 
@@ -148,3 +152,17 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         env["SMTP_HOST"] = settings.smtp_host
     env.update(extra)
     return env
+
+
+async def insert_outbox_row(engine: AsyncEngine, task_name: str, kwargs: dict[str, Any]) -> str:
+    """A published outbox row for a task a test sends by hand; returns its id (the task id)."""
+    outbox_id = str(uuid.uuid4())
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
+                "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), 'published', now())"
+            ),
+            {"id": outbox_id, "name": task_name, "kwargs": json.dumps(kwargs)},
+        )
+    return outbox_id

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
 from core.settings import Settings
+from tests.relays import PrivateRedis, private_redis
 
 
 @pytest.fixture
@@ -18,3 +19,10 @@ async def client(settings: Settings, engine: AsyncEngine) -> AsyncIterator[httpx
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             yield http
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[PrivateRedis]:
+    """A redis-server of the module's own, which its tests may stop and restart."""
+    with private_redis() as server:
+        yield server

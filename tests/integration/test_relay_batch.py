@@ -11,7 +11,7 @@ import io
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
@@ -30,15 +30,9 @@ from relay.claims import claim_pending
 from relay.db import connect
 from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, create_publisher
 from relay.reconciler import DEAD_REASON, REPUBLISHED_REASON, reconcile
-from tests.relays import PrivateRedis, new_queue, private_redis, queued_messages
+from tests.relays import PrivateRedis, new_queue, queued_messages
 
 INSERT = "INSERT INTO outbox (id, task_name, kwargs, created_at) VALUES ($1, $2, $3::jsonb, $4)"
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[PrivateRedis]:
-    with private_redis() as server:
-        yield server
 
 
 @pytest.fixture

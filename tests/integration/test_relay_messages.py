@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -24,7 +24,7 @@ from core.settings import Settings
 from relay.batch import relay_batch
 from relay.db import connect
 from relay.publisher import RedisBatchPublisher, SendTaskPublisher, create_publisher
-from tests.relays import PrivateRedis, new_queue, private_redis
+from tests.relays import PrivateRedis, new_queue
 from tests.workers import start_worker, worker_env, worker_settings
 
 # Quotes, a backslash and a newline make Celery's kwargsrepr differ from repr(): the fast path
@@ -42,12 +42,6 @@ PER_MESSAGE = {
     "properties.delivery_tag",
     "properties.reply_to",
 }
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[PrivateRedis]:
-    with private_redis() as server:
-        yield server
 
 
 @pytest.fixture

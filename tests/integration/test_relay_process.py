@@ -12,7 +12,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import TypeVar
 
@@ -25,16 +25,10 @@ from core.outbox import CommitNotifier
 from core.settings import Settings
 from core.transfers import TransferRequest, TransferService, create_account
 from relay.db import connect
-from tests.relays import PrivateRedis, RelayProcess, new_queue, private_redis, queued_messages, relay_env, start_relay
+from tests.relays import PrivateRedis, RelayProcess, new_queue, queued_messages, relay_env, start_relay
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[PrivateRedis]:
-    with private_redis() as server:
-        yield server
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ message of the Redis database: run this only against a test database.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
@@ -24,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from tests.smtp import smtp_sink
-from tests.workers import start_worker, worker_env, worker_settings
+from tests.workers import insert_outbox_row, start_worker, worker_env, worker_settings
 from worker.celery_app import create_celery_app
 
 SLOW = 2  # seconds: the audit's latency and the SMTP server's reply delay (under the soft limit)
@@ -36,19 +35,6 @@ LIMITS = {
     "celery_retry_backoff_max": 1,
     "audit_write_delay": SLOW,
 }
-
-
-async def _insert(engine: AsyncEngine, task_name: str, kwargs: dict[str, Any]) -> str:
-    outbox_id = str(uuid.uuid4())
-    async with engine.begin() as connection:
-        await connection.execute(
-            text(
-                "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
-                "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), 'published', now())"
-            ),
-            {"id": outbox_id, "name": task_name, "kwargs": json.dumps(kwargs)},
-        )
-    return outbox_id
 
 
 async def _rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
@@ -63,8 +49,8 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(
     queue = f"test-crash-{uuid.uuid4().hex[:8]}"
     email = {"email": "payer@example.com", "amount": "99.99", "status": "SUCCESS"}
     audit = {"transaction_id": str(uuid.uuid4()), "data": {"amount": "99.99"}}
-    email_id = await _insert(engine, SEND_TRANSACTION_EMAIL, email)
-    audit_id = await _insert(engine, AUDIT_LOG_TRANSACTION, audit)
+    email_id = await insert_outbox_row(engine, SEND_TRANSACTION_EMAIL, email)
+    audit_id = await insert_outbox_row(engine, AUDIT_LOG_TRANSACTION, audit)
 
     with smtp_sink(reply_delay=SLOW) as sink:
         settings = worker_settings(

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.settings import Settings
 from tests.smtp import SmtpSink, smtp_sink
-from tests.workers import RunningWorker, start_worker, worker_env, worker_settings
+from tests.workers import RunningWorker, insert_outbox_row, start_worker, worker_env, worker_settings
 from worker.celery_app import WorkerApp, create_celery_app
 from worker.errors import InvalidTaskArguments
 
@@ -63,19 +63,6 @@ def client(worker_config: Settings) -> Iterator[WorkerApp]:
     app = create_celery_app(worker_config)
     yield app
     app.close()
-
-
-async def insert_outbox_row(engine: AsyncEngine, task_name: str, kwargs: dict[str, Any]) -> str:
-    outbox_id = str(uuid.uuid4())
-    async with engine.begin() as connection:
-        await connection.execute(
-            text(
-                "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
-                "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), 'published', now())"
-            ),
-            {"id": outbox_id, "name": task_name, "kwargs": json.dumps(kwargs)},
-        )
-    return outbox_id
 
 
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
