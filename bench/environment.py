@@ -97,7 +97,7 @@ def process(
     args: list[str], env: dict[str, str], *, port: int | None = None, log: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a subprocess for the duration of the block; terminate (then kill) it afterwards."""
-    output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     child = subprocess.Popen(args, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
     try:
         if port is not None:

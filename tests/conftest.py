@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,9 @@ from sqlalchemy.pool import NullPool
 from core.database import create_session_factory
 from core.settings import Settings
 from tests.servers import postgres_server, redis_server
+
+# pgserver logs from an atexit hook, after pytest has closed the streams it captured.
+logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = "task_runs, audit_log, outbox, transactions, accounts"
