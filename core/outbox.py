@@ -1,38 +1,13 @@
-"""Writing outbox rows inside the caller's transaction, and waking the relay at commit."""
+"""Waking the relay at commit (the transfer writes its outbox rows itself, see core.transfers)."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from uuid import UUID
 
 import asyncpg
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.contract import OUTBOX_CHANNEL, TaskMessage
-from core.models import Outbox
+from core.contract import OUTBOX_CHANNEL
 
-
-async def add_outbox_rows(
-    session: AsyncSession, transaction_id: UUID | None, messages: list[TaskMessage]
-) -> list[UUID]:
-    """Insert one pending outbox row per message in the session's transaction; return their ids.
-
-    The ids become the Celery task ids.
-    """
-    ids = [uuid.uuid4() for _ in messages]
-    rows = [
-        {"id": row_id, "task_name": m.task_name, "kwargs": m.kwargs, "transaction_id": transaction_id}
-        for row_id, m in zip(ids, messages, strict=True)
-    ]
-    # A prebuilt statement run as executemany: compiled once, pipelined by asyncpg.
-    connection = await session.connection()
-    await connection.execute(_ADD, rows)
-    return ids
-
-
-_ADD = insert(Outbox)
 _NOTIFY = "SELECT pg_notify($1, '')"
 
 

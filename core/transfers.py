@@ -77,24 +77,19 @@ SELECT id, owner_email, currency, balance FROM accounts
 WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 # Move the money and record the transaction in one statement (one round trip).
-_MOVE_AND_RECORD = """
-WITH moved AS (
+_MOVED = """
+moved AS (
     UPDATE accounts SET balance = balance + CASE WHEN id = $2 THEN -$4::numeric ELSE $4::numeric END
     WHERE id IN ($2, $3)
-)
+)"""
+_INSERT_TRANSACTION = """
 INSERT INTO transactions (id, from_account_id, to_account_id, amount, currency, status,
                           idempotency_key, request_fingerprint, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-"""
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"""
+_MOVE_AND_RECORD = f"WITH {_MOVED}{_INSERT_TRANSACTION}"
 # The same, plus the transfer's outbox rows: the outbox costs the API only the rows it writes.
-_MOVE_AND_RECORD_WITH_OUTBOX = """
-WITH moved AS (
-    UPDATE accounts SET balance = balance + CASE WHEN id = $2 THEN -$4::numeric ELSE $4::numeric END
-    WHERE id IN ($2, $3)
-), recorded AS (
-    INSERT INTO transactions (id, from_account_id, to_account_id, amount, currency, status,
-                              idempotency_key, request_fingerprint, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+_MOVE_AND_RECORD_WITH_OUTBOX = f"""
+WITH {_MOVED}, recorded AS ({_INSERT_TRANSACTION}
 )
 INSERT INTO outbox (id, task_name, kwargs, transaction_id)
 SELECT message.id, message.task_name, message.kwargs::jsonb, $1
