@@ -33,13 +33,15 @@ class Plan:
 
 
 FULL = Plan([1, 16, 64], 8.0, 3, 100_000, 20_000, (100_000, 1_000_000), [200, 1000], 5.0, 600)
-QUICK = Plan([16], 1.0, 1, 20_000, 2_000, (10_000, 50_000), [200], 1.5, 60)
+QUICK = Plan([16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30)
 SCENARIOS = ("api", "throughput", "latency", "memory", "worker")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run under a minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, one repeat, no broker-down run: a smoke run under a minute"
+    )
     parser.add_argument("--only", nargs="*", choices=SCENARIOS, default=list(SCENARIOS))
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
@@ -60,7 +62,8 @@ def main() -> None:
                 duration=plan.http_seconds,
                 repeats=plan.repeats,
             )
-            figures += api_cost.measure_broker_down(database_url, workdir, duration=plan.http_seconds)
+            if not args.quick:  # two more server start-ups: the full run only
+                figures += api_cost.measure_broker_down(database_url, workdir, duration=plan.http_seconds)
         if "throughput" in args.only:
             figures += relay_scenarios.relay_throughput(
                 database_url,
