@@ -6,18 +6,17 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.ledger import Ledger
 from core.settings import Settings
-from core.transfers import TransferService
 
 
 @dataclass(frozen=True)
 class AppState:
     settings: Settings
     engine: AsyncEngine
-    session_factory: async_sessionmaker[AsyncSession]
-    transfers: TransferService
+    ledger: Ledger
 
 
 async def get_state(request: Request) -> AppState:

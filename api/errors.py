@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -17,9 +16,11 @@ from core.errors import (
     DomainError,
     IdempotencyConflict,
     InsufficientFunds,
+    InvalidAmount,
     InvalidTransfer,
     TransactionNotFound,
 )
+from core.transient import CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +31,6 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
     IdempotencyConflict: 409,
     InvalidTransfer: 422,
 }
-
-
-class InvalidField(Exception):
-    """A field that passed parsing but breaks a business rule (e.g. an amount above the maximum)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def error_response(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
@@ -63,10 +55,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_error", summary or "invalid request", details)
 
 
-async def _invalid_field(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, InvalidField)
-    details = [{"field": exc.field, "message": exc.message, "type": "value_error"}]
-    return error_response(422, "validation_error", f"{exc.field}: {exc.message}", details)
+async def _invalid_amount(request: Request, exc: Exception) -> JSONResponse:
+    # The same shape as a schema validation error: to a client both are a bad field.
+    assert isinstance(exc, InvalidAmount)
+    field = f"body.{exc.field}"
+    details = [{"field": field, "message": exc.reason, "type": "value_error"}]
+    return error_response(422, "validation_error", f"{field}: {exc.reason}", details)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -95,11 +89,11 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(InvalidField, _invalid_field)
+    app.add_exception_handler(InvalidAmount, _invalid_amount)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    # The transfer runs on asyncpg directly: its connection errors mean the same thing.
-    driver_errors = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.OperatorInterventionError)
-    for error in (OperationalError, InterfaceError, ConnectionError, OSError, *driver_errors):
+    # The use cases run on asyncpg directly: its connection errors mean the same thing.
+    unavailable: tuple[type[Exception], ...] = (OperationalError, InterfaceError, *CONNECTION_ERRORS)
+    for error in unavailable:
         app.add_exception_handler(error, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -11,23 +11,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from api.dependencies import AppState
 from api.errors import install_error_handlers
 from api.routes import health, router
-from core.database import create_engine, create_session_factory
+from core.database import create_engine
+from core.ledger import Ledger
 from core.logging import configure_logging
-from core.outbox import CommitNotifier
+from core.outbox.notifier import CommitNotifier
 from core.settings import Settings, get_settings
-from core.transfers import TransferService
 
-ServiceFactory = Callable[[AsyncEngine, Settings], TransferService]
-
-
-def _transfer_service(engine: AsyncEngine, settings: Settings) -> TransferService:
-    return TransferService(engine, CommitNotifier(settings.outbox_notify_interval))
+LedgerFactory = Callable[[AsyncEngine, Settings], Ledger]
 
 
-def create_app(settings: Settings | None = None, transfer_service: ServiceFactory = _transfer_service) -> FastAPI:
+def _ledger(engine: AsyncEngine, settings: Settings) -> Ledger:
+    notifier = CommitNotifier(settings.outbox_notify_interval)
+    return Ledger(engine, notifier, max_transfer_amount=settings.max_transfer_amount)
+
+
+def create_app(settings: Settings | None = None, ledger: LedgerFactory = _ledger) -> FastAPI:
     """Build the app; the database engine is created in the lifespan, not here.
 
-    `transfer_service` builds the transfer use case (the benchmark swaps in its baselines).
+    `ledger` builds the use cases (the benchmark swaps in its baselines).
     """
 
     @asynccontextmanager
@@ -37,8 +38,7 @@ def create_app(settings: Settings | None = None, transfer_service: ServiceFactor
         # No pre-ping: it cost three round trips per request. A connection broken by a database
         # restart fails one request with 503 and is discarded (see DriverUnitOfWork).
         engine = create_engine(resolved, pool_pre_ping=False)
-        session_factory = create_session_factory(engine)
-        app.state.services = AppState(resolved, engine, session_factory, transfer_service(engine, resolved))
+        app.state.services = AppState(resolved, engine, ledger(engine, resolved))
         try:
             yield
         finally:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.dependencies import State
-from api.errors import InvalidField, error_response
+from api.errors import error_response
 from api.schemas import (
     AccountCreate,
     AccountOut,
@@ -21,9 +21,7 @@ from api.schemas import (
     TransactionOut,
     TransferCreate,
 )
-from core import transfers
-from core.money import check_initial_balance, check_transfer_amount
-from core.transfers import TransferRequest
+from core.ledger import TransferRequest
 
 router = APIRouter(prefix="/api/v1")
 health = APIRouter(prefix="/health", tags=["health"])
@@ -33,17 +31,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for stat
 
 @router.post("/accounts", status_code=201, response_model=AccountOut, responses=_ERRORS, tags=["accounts"])
 async def create_account(body: AccountCreate, state: State) -> AccountOut:
-    try:
-        balance = check_initial_balance(body.initial_balance, state.settings.max_transfer_amount * 1000)
-    except ValueError as exc:
-        raise InvalidField("body.initial_balance", str(exc)) from None
-    account = await transfers.create_account(state.session_factory, str(body.owner_email), body.currency, balance)
+    account = await state.ledger.open_account(str(body.owner_email), body.currency, body.initial_balance)
     return AccountOut.model_validate(account)
 
 
 @router.get("/accounts/{account_id}", response_model=AccountOut, responses=_ERRORS, tags=["accounts"])
 async def read_account(account_id: UUID, state: State) -> AccountOut:
-    return AccountOut.model_validate(await transfers.get_account(state.session_factory, account_id))
+    return AccountOut.model_validate(await state.ledger.account(account_id))
 
 
 @router.post(
@@ -55,12 +49,8 @@ async def transfer(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> TransactionOut:
-    try:
-        amount = check_transfer_amount(body.amount, state.settings.max_transfer_amount)
-    except ValueError as exc:
-        raise InvalidField("body.amount", str(exc)) from None
-    request = TransferRequest(body.from_account_id, body.to_account_id, amount, idempotency_key)
-    result = await state.transfers.transfer(request)
+    request = TransferRequest(body.from_account_id, body.to_account_id, body.amount, idempotency_key)
+    result = await state.ledger.transfer(request)
     if not result.created:
         response.status_code = 200
     return TransactionOut.model_validate(result.transaction)
@@ -70,7 +60,7 @@ async def transfer(
     "/transactions/{transaction_id}", response_model=TransactionDetail, responses=_ERRORS, tags=["transactions"]
 )
 async def read_transaction(transaction_id: UUID, state: State) -> TransactionDetail:
-    view = await transfers.get_transaction(state.session_factory, transaction_id)
+    view = await state.ledger.transaction(transaction_id)
     return TransactionDetail(
         **TransactionOut.model_validate(view.transaction).model_dump(),
         messages=[MessageOut.model_validate(message) for message in view.messages],

@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import time
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from bench.backlog import count_by_state, fill_backlog
 from bench.environment import process, python, service_env
 from bench.loadgen import percentile
 from bench.stats import Figure
+from core.outbox import queries
+from core.outbox.states import OutboxState
 
 QUEUE = "bench"
 
@@ -57,14 +60,9 @@ def clear_queue(redis_url: str) -> None:
 async def _publish_window(database_url: str) -> tuple[int, float]:
     connection = await asyncpg.connect(database_url)
     try:
-        row = await connection.fetchrow(
-            "SELECT count(*) AS n, extract(epoch FROM max(published_at) - min(published_at)) AS span "
-            "FROM outbox WHERE published_at IS NOT NULL"
-        )
+        return await queries.publish_window(connection)
     finally:
         await connection.close()
-    assert row is not None
-    return int(row["n"]), float(row["span"] or 0.0)
 
 
 def _wait_drained(database_url: str, timeout: float) -> None:
@@ -150,16 +148,13 @@ async def _latencies(database_url: str, records: list[dict[str, object]]) -> tup
             committed[outbox_id] = float(record["committed"])  # type: ignore[arg-type]
     connection = await asyncpg.connect(database_url)
     try:
-        rows = await connection.fetch(
-            "SELECT o.id::text AS id, extract(epoch FROM o.published_at) AS published, "
-            "extract(epoch FROM r.started_at) AS started "
-            "FROM outbox o LEFT JOIN task_runs r ON r.task_id = o.id::text WHERE o.id::text = ANY($1)",
-            list(committed),
-        )
+        rows = await queries.timings(connection, [uuid.UUID(i) for i in committed])
     finally:
         await connection.close()
-    to_broker = sorted(1000 * (float(r["published"]) - committed[r["id"]]) for r in rows if r["published"] is not None)
-    to_task = sorted(1000 * (float(r["started"]) - committed[r["id"]]) for r in rows if r["started"] is not None)
+    to_broker = sorted(
+        1000 * (r.published_at.timestamp() - committed[str(r.id)]) for r in rows if r.published_at is not None
+    )
+    to_task = sorted(1000 * (r.started_at.timestamp() - committed[str(r.id)]) for r in rows if r.started_at is not None)
     return to_broker, to_task
 
 
@@ -167,7 +162,7 @@ def _wait_started(database_url: str, expected: int, timeout: float) -> None:
     async def started() -> int:
         connection = await asyncpg.connect(database_url)
         try:
-            return int(await connection.fetchval("SELECT count(*) FROM task_runs"))
+            return await queries.run_count(connection)
         finally:
             await connection.close()
 
@@ -265,7 +260,7 @@ def _wait_completed(database_url: str, expected: int, timeout: float) -> None:
     async def completed() -> int:
         connection = await asyncpg.connect(database_url)
         try:
-            return int(await connection.fetchval("SELECT count(*) FROM outbox WHERE state = 'completed'"))
+            return (await queries.state_counts(connection))[OutboxState.COMPLETED]
         finally:
             await connection.close()
 

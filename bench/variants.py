@@ -19,15 +19,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
 from core.contract import TASK_NAMES, transfer_messages
+from core.ledger import Ledger, TransferRequest, TransferResult
 from core.settings import Settings
-from core.transfers import TransferRequest, TransferResult, TransferService
 
 
-class NaiveTransferService(TransferService):
+class NaiveLedger(Ledger):
     """Commits the transfer, then publishes its tasks with .delay() before answering."""
 
     def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
-        super().__init__(engine, notifier=None, side_effects=None)
+        super().__init__(engine, notifier=None, max_transfer_amount=settings.max_transfer_amount, side_effects=None)
         celery = Celery(broker=settings.celery_broker_url)
         celery.conf.update(
             task_serializer="json", task_default_queue=os.environ.get("BENCH_NAIVE_QUEUE", "bench-naive")
@@ -46,17 +46,17 @@ class NaiveTransferService(TransferService):
         return result
 
 
-def _plain(engine: AsyncEngine, settings: Settings) -> TransferService:
-    return TransferService(engine, notifier=None, side_effects=None)
+def _plain(engine: AsyncEngine, settings: Settings) -> Ledger:
+    return Ledger(engine, notifier=None, max_transfer_amount=settings.max_transfer_amount, side_effects=None)
 
 
 def create_variant(variant: str) -> FastAPI:
     if variant == "outbox":
         return create_app()
     if variant == "plain":
-        return create_app(transfer_service=_plain)
+        return create_app(ledger=_plain)
     if variant == "naive":
-        return create_app(transfer_service=NaiveTransferService)
+        return create_app(ledger=NaiveLedger)
     raise ValueError(f"BENCH_VARIANT must be outbox, plain or naive, not {variant!r}")
 
 

@@ -19,28 +19,25 @@ import uuid
 
 import asyncpg
 
-from core.contract import OUTBOX_CHANNEL
+from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL, TaskMessage
+from core.outbox import queries
+from core.outbox.notifier import CommitNotifier
 
-INSERT = "INSERT INTO outbox (id, task_name, kwargs) SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]::jsonb[])"
-EMAIL = '{"email": "bench@example.com", "amount": "1.00", "status": "SUCCESS"}'
+EMAIL = TaskMessage(SEND_TRANSACTION_EMAIL, {"email": "bench@example.com", "amount": "1.00", "status": "SUCCESS"})
 
 
 async def run(database_url: str, rate: float, duration: float, notify_interval: float) -> list[dict[str, object]]:
     pool = await asyncpg.create_pool(database_url, min_size=8, max_size=8)
     assert pool is not None
     records: list[dict[str, object]] = []
-    last_notify = float("-inf")
+    notifier = CommitNotifier(notify_interval)
 
     async def one() -> None:
-        nonlocal last_notify
         ids = [uuid.uuid4(), uuid.uuid4()]
-        audit = json.dumps({"transaction_id": str(ids[0]), "data": {"amount": "1.00"}})
+        audit = TaskMessage(AUDIT_LOG_TRANSACTION, {"transaction_id": str(ids[0]), "data": {"amount": "1.00"}})
         async with pool.acquire() as connection, connection.transaction():
-            await connection.execute(INSERT, ids, ["send_transaction_email", "audit_log_transaction"], [EMAIL, audit])
-            now = time.monotonic()
-            if now - last_notify >= notify_interval:
-                last_notify = now
-                await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+            await queries.insert_messages(connection, ids, [EMAIL, audit], None)
+            await notifier.maybe_notify(connection)
         records.append({"ids": [str(i) for i in ids], "committed": time.time()})
 
     started = time.monotonic()

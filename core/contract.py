@@ -22,17 +22,6 @@ TASK_NAMES: Final = (SEND_TRANSACTION_EMAIL, AUDIT_LOG_TRANSACTION)
 OUTBOX_CHANNEL: Final = "outbox"
 
 
-class OutboxState:
-    """The life of an outbox row: pending -> published -> completed, or failed / dead."""
-
-    PENDING: Final = "pending"
-    PUBLISHED: Final = "published"
-    COMPLETED: Final = "completed"
-    FAILED: Final = "failed"
-    DEAD: Final = "dead"
-    ALL: Final = (PENDING, PUBLISHED, COMPLETED, FAILED, DEAD)
-
-
 @dataclass(frozen=True)
 class TransferFacts:
     """What the outbox needs to know about a committed transfer."""

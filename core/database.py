@@ -1,10 +1,10 @@
-"""Engine and session factories. Created by each process's entry point, never at import time."""
+"""The API's engine (its connection pool). Created by the entry point, never at import time."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core.settings import Settings
 
@@ -18,7 +18,3 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     }
     options.update(overrides)
     return create_async_engine(settings.async_database_url, **options)
-
-
-def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)

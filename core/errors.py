@@ -31,5 +31,16 @@ class InvalidTransfer(DomainError):
     code = "invalid_transfer"
 
 
+class InvalidAmount(DomainError):
+    """An amount the money rules refuse; `field` names the request field it came in."""
+
+    code = "validation_error"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
 class IdempotencyConflict(DomainError):
     code = "idempotency_conflict"

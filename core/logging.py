@@ -34,6 +34,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def describe(exc: BaseException) -> str:
+    """An error in one line, for logs and stored error texts: its type, then its message if any."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def configure_logging(settings: Settings, component: str) -> None:
     """Send the process's logs to stderr, one JSON object a line unless LOG_JSON=false."""
     handler = logging.StreamHandler(sys.stderr)

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from core.contract import OutboxState
+from core.outbox.states import ALL_OUTBOX_STATES, ALL_RUN_STATES, OutboxState
 
 MONEY = Numeric(18, 2)
 NAMING_CONVENTION = {
@@ -33,7 +33,8 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-_STATES = ", ".join(f"'{state}'" for state in OutboxState.ALL)
+_STATES = ", ".join(f"'{state}'" for state in ALL_OUTBOX_STATES)
+_RUN_STATES = ", ".join(f"'{state}'" for state in ALL_RUN_STATES)
 
 
 class Base(DeclarativeBase):
@@ -98,7 +99,7 @@ class Outbox(Base):
     transaction_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("transactions.id"), index=True
     )
-    state: Mapped[str] = mapped_column(String(16), nullable=False, server_default=OutboxState.PENDING)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, server_default=str(OutboxState.PENDING))
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     republishes: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     next_attempt_at: Mapped[datetime] = _now_column()
@@ -122,7 +123,7 @@ class TaskRun(Base):
     """The worker's record that a task id's effect happened (or is being made, under a lease)."""
 
     __tablename__ = "task_runs"
-    __table_args__ = (CheckConstraint("state IN ('running', 'done')", name="state_known"),)
+    __table_args__ = (CheckConstraint(f"state IN ({_RUN_STATES})", name="state_known"),)
 
     task_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     task_name: Mapped[str] = mapped_column(Text, nullable=False)

@@ -47,6 +47,11 @@ def check_initial_balance(amount: Decimal, maximum: Decimal) -> Decimal:
     return amount.quantize(CENTS)
 
 
+def opening_balance_limit(max_transfer_amount: Decimal) -> Decimal:
+    """The largest opening balance: a thousand of the largest transfers."""
+    return max_transfer_amount * 1000
+
+
 def format_amount(amount: Decimal) -> str:
     """The wire form of money: a string with exactly two decimals."""
     return str(amount.quantize(CENTS))

@@ -6,55 +6,9 @@ from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-
-class UnitOfWork:
-    """Owns one session and one database transaction.
-
-    Usage: ``async with UnitOfWork(factory) as uow: ...; await uow.commit()``.
-    """
-
-    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
-        self._session_factory = session_factory
-        self._session: AsyncSession | None = None
-
-    @property
-    def session(self) -> AsyncSession:
-        if self._session is None:
-            raise RuntimeError("UnitOfWork used outside its 'async with' block")
-        return self._session
-
-    async def __aenter__(self) -> Self:
-        self._session = self._session_factory()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # close() rolls back whatever was not committed, and unlike rollback() it leaves the
-        # loaded objects readable after the block.
-        session, self._session = self.session, None
-        await session.close()
-
-    async def commit(self) -> None:
-        await self.session.commit()
-
-    async def rollback(self) -> None:
-        await self.session.rollback()
-
-
-# Errors after which a driver connection cannot be used again.
-_CONNECTION_ERRORS = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.OperatorInterventionError,
-    OSError,
-    TimeoutError,
-)
+from core.transient import CONNECTION_ERRORS
 
 
 class DriverUnitOfWork:
@@ -98,11 +52,11 @@ class DriverUnitOfWork:
     ) -> None:
         pooled, transaction = self._pooled, self._transaction
         self._pooled = self._transaction = self._connection = None
-        broken = isinstance(exc, _CONNECTION_ERRORS)
+        broken = isinstance(exc, CONNECTION_ERRORS)
         try:
             if transaction is not None and not broken:
                 await transaction.rollback()
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             broken = True
             if exc is None:
                 raise

@@ -21,8 +21,8 @@ from uuid import UUID
 import asyncpg
 from pydantic import ValidationError
 
-from core.contract import OutboxState
 from core.logging import configure_logging
+from core.outbox.states import OutboxState
 from core.settings import Settings, get_settings
 from relay import operator
 from relay.db import connect

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from core.contract import OutboxState
+from core.backoff import backoff_delay
+from core.outbox.queries import Failure, claim_pending, mark_published, record_failures
+from core.outbox.states import OutboxState
 from core.settings import Settings
-from relay.backoff import backoff_delay
-from relay.claims import Failure, claim_pending, mark_published, record_failures
 from relay.publisher import Publisher
 
 log = logging.getLogger("relay.batch")
@@ -44,7 +44,7 @@ async def relay_batch(connection: asyncpg.Connection, publisher: Publisher, sett
         published = [row.id for row, error in zip(rows, outcomes, strict=True) if error is None]
         base, cap = settings.relay_backoff_base, settings.relay_backoff_max
         failures = [
-            Failure(row, error, backoff_delay(row.attempts + 1, base, cap))
+            Failure(row, error, backoff_delay(row.attempts + 1, base=base, cap=cap))
             for row, error in zip(rows, outcomes, strict=True)
             if error is not None
         ]

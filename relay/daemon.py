@@ -18,7 +18,9 @@ import time
 import asyncpg
 
 from core.contract import OUTBOX_CHANNEL
+from core.logging import describe
 from core.settings import Settings
+from core.transient import CONNECTION_ERRORS
 from relay.batch import relay_batch
 from relay.db import connect
 from relay.publisher import Publisher, create_publisher
@@ -37,7 +39,7 @@ class ConnectionLost(Exception):
 
 
 # Expected while the database is away: logged without a traceback.
-_CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionLost)
+_EXPECTED = (*CONNECTION_ERRORS, ConnectionLost)
 
 
 class Relay:
@@ -78,8 +80,8 @@ class Relay:
                     self._reconnect_delay = min(delay * 2, RECONNECT_MAX)
                     log.warning(
                         "database unavailable or batch failed; reconnecting",
-                        extra={"event": "relay.reconnect", "error": _describe(exc), "retry_in_s": delay},
-                        exc_info=not isinstance(exc, _CONNECTION_ERRORS),
+                        extra={"event": "relay.reconnect", "error": describe(exc), "retry_in_s": delay},
+                        exc_info=not isinstance(exc, _EXPECTED),
                     )
                     # A notification that came in before the failure must not cut the wait short.
                     self._wakeups[0].clear()
@@ -146,10 +148,6 @@ class Relay:
 
     def _on_notify(self, *_: object) -> None:
         self._wakeups[0].set()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 async def run_daemon(settings: Settings) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import asyncpg
 
 from core.settings import Settings
@@ -19,15 +17,13 @@ SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
 
 
 async def connect(settings: Settings, application_name: str = "relay") -> asyncpg.Connection:
-    """A new connection with the relay's session settings and a JSON codec for jsonb.
+    """A new connection with the relay's session settings.
 
     Raises OSError, TimeoutError or asyncpg errors when the database cannot be reached.
     """
-    connection: asyncpg.Connection = await asyncpg.connect(
+    return await asyncpg.connect(
         settings.libpq_database_url,
         timeout=CONNECT_TIMEOUT,
         command_timeout=COMMAND_TIMEOUT,
         server_settings={**SERVER_SETTINGS, "application_name": application_name},
     )
-    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    return connection

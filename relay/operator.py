@@ -11,67 +11,21 @@ from uuid import UUID
 
 import asyncpg
 
-from core.contract import OUTBOX_CHANNEL, OutboxState
+from core.outbox import queries
+from core.outbox.states import ALL_OUTBOX_STATES, OutboxState
 
 log = logging.getLogger("relay.operator")
 
 PURGE_CHUNK = 5000
 REPLAYED_REASON = "replayed by operator"
 
-_COUNTS = "SELECT state, count(*) AS n FROM outbox GROUP BY state"
-_FIGURES = f"""
-SELECT
-  (SELECT extract(epoch FROM now() - min(created_at)) FROM outbox WHERE state = '{OutboxState.PENDING}')
-      AS oldest_pending_s,
-  (SELECT extract(epoch FROM now() - min(published_at)) FROM outbox WHERE state = '{OutboxState.PUBLISHED}')
-      AS oldest_published_s,
-  (SELECT count(*) FROM outbox WHERE published_at > now() - interval '1 minute') AS published_last_minute,
-  (SELECT count(*) FROM outbox WHERE completed_at > now() - interval '1 minute') AS completed_last_minute
-"""
-_LATENCY = """
-SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - created_at))
-FROM outbox WHERE completed_at > now() - interval '1 minute'
-"""
-_DEAD = f"""
-SELECT id, state, task_name, attempts, republishes, last_error, created_at
-FROM outbox WHERE state IN ('{OutboxState.DEAD}', '{OutboxState.FAILED}')
-ORDER BY created_at LIMIT $1
-"""
-_REPLAY = f"""
-UPDATE outbox
-SET state = '{OutboxState.PENDING}', attempts = 0, republishes = 0, next_attempt_at = now(),
-    published_at = NULL, completed_at = NULL, last_error = $2
-WHERE id = ANY($1::uuid[]) AND state IN ('{OutboxState.DEAD}', '{OutboxState.FAILED}')
-RETURNING id
-"""
-_REPLAY_ALL = f"""
-UPDATE outbox
-SET state = '{OutboxState.PENDING}', attempts = 0, republishes = 0, next_attempt_at = now(),
-    published_at = NULL, completed_at = NULL, last_error = $2
-WHERE state = ANY($1::text[])
-RETURNING id
-"""
-# Short statements, each deleting at most PURGE_CHUNK rows and skipping rows someone holds.
-# Only completed rows: a published row is still tracked by the reconciler until its task
-# completes, and dead or failed rows wait for an operator.
-_PURGE = f"""
-DELETE FROM outbox WHERE id IN (
-    SELECT id FROM outbox
-    WHERE state = '{OutboxState.COMPLETED}' AND completed_at < now() - $1::interval
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-"""
-
 
 async def status(connection: asyncpg.Connection, out: TextIO, as_json: bool = False) -> int:
     """Print counts per state, the oldest pending and published ages, last-minute throughput
     and commit->completed latency (p50/p99, completed_at - created_at) over the last minute."""
-    counts = dict.fromkeys(OutboxState.ALL, 0)
-    counts.update({r["state"]: r["n"] for r in await connection.fetch(_COUNTS)})
-    figures = await connection.fetchrow(_FIGURES)
-    assert figures is not None  # an aggregate query always returns its one row
-    latency = await connection.fetchval(_LATENCY)
+    counts = await queries.state_counts(connection)
+    figures = await queries.figures(connection)
+    latency = await queries.completion_latency(connection)
     report: dict[str, Any] = {
         "counts": counts,
         "oldest_pending_age_s": _seconds(figures["oldest_pending_s"]),
@@ -84,7 +38,7 @@ async def status(connection: asyncpg.Connection, out: TextIO, as_json: bool = Fa
     if as_json:
         print(json.dumps(report), file=out)
         return 0
-    for state in OutboxState.ALL:
+    for state in ALL_OUTBOX_STATES:
         print(f"{state + ':':<12}{counts[state]}", file=out)
     lines = [
         ("oldest pending", _age(report["oldest_pending_age_s"])),
@@ -105,32 +59,28 @@ async def status(connection: asyncpg.Connection, out: TextIO, as_json: bool = Fa
 
 async def dead(connection: asyncpg.Connection, out: TextIO, limit: int) -> int:
     """List dead (publishing gave up) and failed (the task gave up) rows, oldest first."""
-    rows = await connection.fetch(_DEAD, limit)
+    rows = await queries.given_up(connection, limit)
     if not rows:
         print("no dead or failed rows", file=out)
         return 0
     print("id\tstate\ttask_name\tattempts\trepublishes\tlast_error", file=out)
     for r in rows:
-        error = (r["last_error"] or "").replace("\n", " ")
-        print(f"{r['id']}\t{r['state']}\t{r['task_name']}\t{r['attempts']}\t{r['republishes']}\t{error}", file=out)
+        error = (r.last_error or "").replace("\n", " ")
+        print(f"{r.id}\t{r.state}\t{r.task_name}\t{r.attempts}\t{r.republishes}\t{error}", file=out)
     return 0
 
 
 async def replay(
-    connection: asyncpg.Connection, out: TextIO, err: TextIO, ids: Sequence[UUID], states: Sequence[str]
+    connection: asyncpg.Connection, out: TextIO, err: TextIO, ids: Sequence[UUID], states: Sequence[OutboxState]
 ) -> int:
     """Put the given dead/failed rows (or every row in `states`) back to pending with fresh counters.
 
     Returns 1 if some given id was not a dead or failed row (the others are still replayed).
     """
     async with connection.transaction():
-        if ids:
-            records = await connection.fetch(_REPLAY, list(ids), REPLAYED_REASON)
-        else:
-            records = await connection.fetch(_REPLAY_ALL, list(states), REPLAYED_REASON)
-        if records:
-            await connection.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
-    replayed = {r["id"] for r in records}
+        replayed = await queries.replay(connection, ids=ids, states=states, reason=REPLAYED_REASON)
+        if replayed:
+            await queries.notify(connection)
     print(f"replayed {len(replayed)} row(s)", file=out)
     missing = [i for i in ids if i not in replayed]
     for row_id in missing:
@@ -139,11 +89,10 @@ async def replay(
 
 
 async def purge(connection: asyncpg.Connection, out: TextIO, older_than: timedelta) -> int:
-    """Delete completed and published rows older than `older_than`, PURGE_CHUNK rows per statement."""
+    """Delete completed rows older than `older_than`, PURGE_CHUNK rows per statement."""
     total = 0
     while True:
-        result = await connection.execute(_PURGE, older_than, PURGE_CHUNK)
-        deleted = int(result.split()[-1])
+        deleted = await queries.purge_completed(connection, older_than, PURGE_CHUNK)
         total += deleted
         if deleted < PURGE_CHUNK:
             break

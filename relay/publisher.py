@@ -22,9 +22,10 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from core.logging import describe
+from core.outbox.queries import OutboxRow
 from core.settings import Settings
 from relay.celery_app import create_celery_app
-from relay.claims import OutboxRow
 from relay.messages import RedisMessageBuilder
 
 # One publish outcome per row, in order: None when the broker accepted it, else the error text.
@@ -42,10 +43,6 @@ class Publisher(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class RedisBatchPublisher:
@@ -67,6 +64,9 @@ class RedisBatchPublisher:
         # one after the other, exactly as one LPUSH per message would, for a fraction of the cost.
         by_key: dict[str, tuple[list[int], list[bytes]]] = {}
         for index, row in enumerate(rows):
+            if row.decode_error is not None:
+                outcomes[index] = f"cannot build message: {row.decode_error}"
+                continue
             try:
                 key, payload = self._builder.build(str(row.id), row.task_name, row.kwargs)
             except Exception as exc:  # a poison row fails alone, whatever it raises
@@ -137,6 +137,9 @@ class SendTaskPublisher:
             for index, row in enumerate(rows):
                 if give_up.is_set():
                     return
+                if row.decode_error is not None:
+                    outcomes[index] = f"cannot publish: {row.decode_error}"
+                    continue
                 try:
                     self._app.send_task(
                         row.task_name, kwargs=row.kwargs, task_id=str(row.id), queue=self._queue, producer=producer

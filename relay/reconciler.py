@@ -5,7 +5,7 @@ flush, kombu issue 305). Rows published more than RELAY_COMPLETION_DEADLINE ago 
 not completed go back to pending and are published again with the same task id; the worker's
 idempotency by task id makes that safe. After RELAY_MAX_REPUBLISHES re-publishes a row is
 marked dead with the reason. Rows in failed or completed are never touched. Safe on every
-relay at once: rows are taken with FOR UPDATE SKIP LOCKED.
+relay at once (core.outbox.queries.reset_overdue skips locked rows).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from core.contract import OutboxState
+from core.outbox import queries
+from core.outbox.states import OutboxState
 from core.settings import Settings
 
 log = logging.getLogger("relay.reconciler")
@@ -24,27 +25,6 @@ REPUBLISHED_REASON = "not completed within deadline; re-published"
 DEAD_REASON = "not completed within deadline after {} re-publishes"
 # Rows per statement: bounds the locks and the statement's time on a large overdue backlog.
 CHUNK = 1000
-
-# attempts restarts at 0: it counts the publish attempts of the current round, so a short broker
-# outage right after a re-publish does not use up the budget earlier rounds spent.
-_RECONCILE = f"""
-WITH overdue AS (
-    SELECT id FROM outbox
-    WHERE state = '{OutboxState.PUBLISHED}' AND published_at < now() - make_interval(secs => $1)
-    ORDER BY published_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE outbox AS o
-SET state = CASE WHEN o.republishes >= $3 THEN '{OutboxState.DEAD}' ELSE '{OutboxState.PENDING}' END,
-    republishes = CASE WHEN o.republishes >= $3 THEN o.republishes ELSE o.republishes + 1 END,
-    attempts = CASE WHEN o.republishes >= $3 THEN o.attempts ELSE 0 END,
-    next_attempt_at = now(),
-    last_error = CASE WHEN o.republishes >= $3 THEN $4 ELSE $5 END
-FROM overdue
-WHERE o.id = overdue.id
-RETURNING o.id, o.task_name, o.state, o.republishes
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,29 +41,29 @@ async def reconcile(connection: asyncpg.Connection, settings: Settings) -> Recon
     """
     republished = dead = 0
     while True:
-        records = await connection.fetch(
-            _RECONCILE,
-            settings.relay_completion_deadline,
-            CHUNK,
-            settings.relay_max_republishes,
-            DEAD_REASON.format(settings.relay_max_republishes),
-            REPUBLISHED_REASON,
+        rows = await queries.reset_overdue(
+            connection,
+            deadline=settings.relay_completion_deadline,
+            limit=CHUNK,
+            max_republishes=settings.relay_max_republishes,
+            dead_reason=DEAD_REASON.format(settings.relay_max_republishes),
+            republished_reason=REPUBLISHED_REASON,
         )
-        for record in records:
-            is_dead = record["state"] == OutboxState.DEAD
+        for row in rows:
+            is_dead = row.state == OutboxState.DEAD
             dead += is_dead
             republished += not is_dead
             log.warning(
                 "not completed within deadline; " + ("marked dead" if is_dead else "re-publishing"),
                 extra={
                     "event": "relay.reconciled",
-                    "outbox_id": str(record["id"]),
-                    "task_name": record["task_name"],
-                    "state": record["state"],
-                    "republishes": record["republishes"],
+                    "outbox_id": str(row.id),
+                    "task_name": row.task_name,
+                    "state": row.state,
+                    "republishes": row.republishes,
                 },
             )
-        if len(records) < CHUNK:
+        if len(rows) < CHUNK:
             break
     if republished or dead:
         log.info("reconciled", extra={"event": "relay.reconcile", "republished": republished, "dead": dead})

@@ -14,10 +14,11 @@ import redis
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from core.database import create_session_factory
+from core.ledger import Ledger
+from core.outbox.notifier import CommitNotifier
 from core.settings import Settings
 from tests.servers import postgres_server, redis_server
 
@@ -119,6 +120,11 @@ async def _truncate(engine: AsyncEngine) -> None:
         await connection.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
 
 
+def make_ledger(engine: AsyncEngine, settings: Settings, notify_interval: float = 0.0) -> Ledger:
+    return Ledger(engine, CommitNotifier(notify_interval), max_transfer_amount=settings.max_transfer_amount)
+
+
 @pytest.fixture
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return create_session_factory(engine)
+def ledger(engine: AsyncEngine, settings: Settings) -> Ledger:
+    """The use cases on the test database (every transfer notifies)."""
+    return make_ledger(engine, settings)

@@ -1,7 +1,9 @@
 """The Celery application: `celery -A worker.celery_app worker --loglevel=info`.
 
 Every knob comes from core.settings (environment variables); `create_celery_app(settings)`
-builds an app from explicit settings, which is how the tests build theirs.
+builds an app from explicit settings, which is how the tests build theirs. Importing this
+module builds nothing: `worker.celery_app.app`, which the celery command asks for, is built
+from the environment on first access.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from celery import Celery, signals
 
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
-from worker.db import WorkerDatabase
+from worker.context import WorkerContext
 from worker.tasks import register_tasks
 
 # How many times the worker retries storing a result while the result backend is down
@@ -21,12 +23,11 @@ RESULT_BACKEND_MAX_RETRIES = 20
 
 
 class WorkerApp(Celery):  # type: ignore[misc]
-    """A Celery app that carries the settings and the process's database access."""
+    """A Celery app that carries its tasks' context (settings, the process's database)."""
 
-    def __init__(self, settings: Settings, **options: Any) -> None:
+    def __init__(self, context: WorkerContext, **options: Any) -> None:
         super().__init__("outbox_worker", **options)
-        self.settings = settings
-        self.database = WorkerDatabase(settings)
+        self.context = context
 
 
 def check_time_limits(settings: Settings) -> None:
@@ -117,24 +118,34 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_celery_app(settings: Settings) -> WorkerApp:
-    """A Celery app for `settings`, with both tasks registered. Raises ValueError on bad limits."""
-    app = WorkerApp(settings)
+    """A Celery app for `settings`, with both tasks registered and its signal handlers connected.
+
+    Raises ValueError on bad limits.
+    """
+    context = WorkerContext.from_settings(settings)
+    app = WorkerApp(context)
     app.conf.update(celery_config(settings))
-    register_tasks(app)
+    register_tasks(app, context)
+
+    def configure(**_: Any) -> None:
+        # Connecting this signal stops Celery from installing its own handlers: one log format
+        # (core.logging, JSON by default) for the API, the relay and the worker.
+        configure_logging(settings, "worker")
+
+    def close_database(**_: Any) -> None:
+        context.database.close()
+
+    # weak=False: the handlers are closures that nothing else keeps alive.
+    signals.setup_logging.connect(configure, weak=False)
+    signals.worker_process_shutdown.connect(close_database, weak=False)
+    signals.worker_shutdown.connect(close_database, weak=False)
     return app
 
 
-app = create_celery_app(get_settings())
-
-
-@signals.setup_logging.connect  # type: ignore[untyped-decorator]
-def _configure_logging(**_: Any) -> None:
-    # Connecting this signal stops Celery from installing its own handlers: one log format
-    # (core.logging, JSON by default) for the API, the relay and the worker.
-    configure_logging(app.settings, "worker")
-
-
-@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
-@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
-def _close_database(**_: Any) -> None:
-    app.database.close()
+def __getattr__(name: str) -> Any:
+    # `celery -A worker.celery_app` looks up `app`: built from the environment then, not at import.
+    if name == "app":
+        app = create_celery_app(get_settings())
+        globals()["app"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

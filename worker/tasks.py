@@ -12,22 +12,21 @@ import json
 import logging
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Retry
 
+from core.backoff import backoff_delay
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.settings import Settings
 from worker.arguments import AuditArguments, EmailArguments, parse_arguments
+from worker.context import WorkerContext
 from worker.db import WorkerDatabase
 from worker.effects import claim_email_lease, finish_email, mark_outbox_failed, release_email_lease, write_audit_once
 from worker.errors import InvalidTaskArguments, PermanentDeliveryError
 from worker.mailer import build_message, send_email
-from worker.retry import backoff_delay, is_permanent_smtp_error, is_transient
-
-if TYPE_CHECKING:
-    from worker.celery_app import WorkerApp
+from worker.retry import is_permanent_smtp_error, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -37,25 +36,31 @@ _RECORD_PAUSES = (0.5, 1.0, 2.0)
 
 
 class OutboxTask(Task):  # type: ignore[misc]
-    """Base of the tasks: settings, database, retry policy and failure marking."""
+    """Base of the tasks: their context (settings, database), retry policy and failure marking.
+
+    register_tasks() derives one subclass per app, bound to that app's context.
+    """
 
     # Expected failures: the result backend shows FAILURE, the log shows no traceback.
     throws = (InvalidTaskArguments, PermanentDeliveryError)
+    context: ClassVar[WorkerContext]
+
+    @classmethod
+    def bound_to(cls, context: WorkerContext) -> type[OutboxTask]:
+        return type("OutboxTask", (cls,), {"context": context})
 
     @property
     def settings(self) -> Settings:
-        app: WorkerApp = self.app
-        return app.settings
+        return self.context.settings
 
     @property
     def database(self) -> WorkerDatabase:
-        app: WorkerApp = self.app
-        return app.database
+        return self.context.database
 
     def retry_later(self, error: BaseException) -> Retry:
         """Schedule a retry after an exponential, jittered pause. Raises `error` itself once
         CELERY_TASK_MAX_RETRIES retries are used up (then on_failure marks the row failed)."""
-        countdown = backoff_delay(self.request.retries, cap=self.settings.celery_retry_backoff_max)
+        countdown = backoff_delay(self.request.retries + 1, base=1.0, cap=self.settings.celery_retry_backoff_max)
         extra = {"task_id": self.request.id, "task_name": self.name}
         if self.max_retries is not None and self.request.retries >= self.max_retries:
             logger.warning("%s: retries used up (%d)", self.name, self.max_retries, extra=extra)
@@ -111,7 +116,7 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
         # A duplicate delivery is sending right now. Come back when its lease runs out: by then
         # it has recorded the email (we return its result) or died (we take over). Not counted
         # against the transient-failure budget.
-        countdown = min(claim.retry_in + backoff_delay(0, cap=1.0), settings.celery_retry_backoff_max)
+        countdown = min(claim.retry_in + backoff_delay(1, base=1.0, cap=1.0), settings.celery_retry_backoff_max)
         raise task.retry(countdown=countdown, max_retries=task.request.retries + 1)
     message = build_message(
         settings, task_id=task_id, email=arguments.email, amount=arguments.amount, status=arguments.status
@@ -184,12 +189,12 @@ def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[
         raise task.retry_later(error) from None
 
 
-def register_tasks(app: WorkerApp) -> None:
-    """Register both tasks on `app` under the contract's names."""
+def register_tasks(app: Celery, context: WorkerContext) -> None:
+    """Register both tasks on `app` under the contract's names, bound to `context`."""
     options: dict[str, Any] = {
         "bind": True,
-        "base": OutboxTask,
-        "max_retries": app.settings.celery_task_max_retries,
+        "base": OutboxTask.bound_to(context),
+        "max_retries": context.settings.celery_task_max_retries,
         # Not shared: each app (tests build several) keeps its own tasks and their settings.
         "shared": False,
     }

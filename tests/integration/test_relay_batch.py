@@ -16,17 +16,16 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.contract import OutboxState
-from core.outbox import CommitNotifier
+from core.ledger import Ledger, TransferRequest
+from core.outbox.queries import claim_pending
+from core.outbox.states import OutboxState
 from core.settings import Settings
-from core.transfers import TransferRequest, TransferService, create_account
 from devservers.embedded import free_port
 from relay import operator
 from relay.batch import BatchResult, relay_batch
 from relay.celery_app import create_celery_app
-from relay.claims import claim_pending
 from relay.db import connect
 from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, create_publisher
 from relay.reconciler import DEAD_REASON, REPUBLISHED_REASON, reconcile
@@ -47,13 +46,6 @@ def relay_settings(settings: Settings, broker: PrivateRedis) -> Settings:
             "relay_max_attempts": 3,
         }
     )
-
-
-@pytest.fixture
-async def db(relay_settings: Settings, engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(relay_settings, "test-relay")
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture
@@ -87,16 +79,15 @@ async def states(db: asyncpg.Connection) -> dict[uuid.UUID, asyncpg.Record]:
 async def test_committed_transfers_are_published_once_with_name_kwargs_and_task_id(
     engine: AsyncEngine,
     relay_settings: Settings,
-    session_factory: async_sessionmaker[AsyncSession],
+    ledger: Ledger,
     db: asyncpg.Connection,
     publisher: Publisher,
     broker: PrivateRedis,
 ) -> None:
-    payer = await create_account(session_factory, "payer@example.com", "EUR", Decimal("100.00"))
-    payee = await create_account(session_factory, "payee@example.com", "EUR", Decimal("0.00"))
-    service = TransferService(engine, CommitNotifier(0))
+    payer = await ledger.open_account("payer@example.com", "EUR", Decimal("100.00"))
+    payee = await ledger.open_account("payee@example.com", "EUR", Decimal("0.00"))
     for _ in range(15):
-        await service.transfer(TransferRequest(payer.id, payee.id, Decimal("1.25")))
+        await ledger.transfer(TransferRequest(payer.id, payee.id, Decimal("1.25")))
 
     await drain(db, publisher, relay_settings)
 
@@ -123,11 +114,11 @@ async def test_uncommitted_and_rolled_back_rows_are_never_published_and_late_com
     try:
         open_txn = long_open.transaction()
         await open_txn.start()
-        await long_open.execute(INSERT, early, "audit_log_transaction", {}, await long_open.fetchval("SELECT now()"))
+        await long_open.execute(INSERT, early, "audit_log_transaction", "{}", await long_open.fetchval("SELECT now()"))
         doomed = rolled_back.transaction()
         await doomed.start()
         await rolled_back.execute(
-            INSERT, never, "audit_log_transaction", {}, await rolled_back.fetchval("SELECT now()")
+            INSERT, never, "audit_log_transaction", "{}", await rolled_back.fetchval("SELECT now()")
         )
         await drain(db, publisher, relay_settings)  # runs while both are open
         await doomed.rollback()

@@ -12,17 +12,15 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.contract import AUDIT_LOG_TRANSACTION, OutboxState
+from core.contract import AUDIT_LOG_TRANSACTION
+from core.outbox.states import OutboxState
 from core.settings import Settings
 from relay.batch import relay_batch
-from relay.db import connect
 from relay.publisher import RedisBatchPublisher, SendTaskPublisher, create_publisher
 from tests.relays import PrivateRedis, new_queue
 from tests.workers import start_worker, worker_env, worker_settings
@@ -47,13 +45,6 @@ PER_MESSAGE = {
 @pytest.fixture
 def relay_settings(settings: Settings, broker: PrivateRedis) -> Settings:
     return settings.model_copy(update={"celery_broker_url_override": broker.url, "celery_task_queue": new_queue()})
-
-
-@pytest.fixture
-async def db(relay_settings: Settings, engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(relay_settings, "test-relay-messages")
-    yield connection
-    await connection.close()
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.contract import OutboxState
+from core.outbox.states import OutboxState
 from core.settings import Settings
 from devservers.embedded import free_port
-from relay.db import connect
 from tests.relays import relay_env, run_relay_command
 
 pytestmark = pytest.mark.e2e
@@ -24,13 +21,6 @@ VALUES ($1, 'audit_log_transaction', '{}', $2::text, $3, $4, now() - make_interv
         CASE WHEN $2::text IN ('published', 'completed') THEN now() - make_interval(secs => $5) END,
         CASE WHEN $2::text = 'completed' THEN now() - make_interval(secs => $5) + interval '0.25 s' END)
 """
-
-
-@pytest.fixture
-async def db(settings: Settings, engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(settings, "test-relay-operator")
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

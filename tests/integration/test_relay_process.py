@@ -12,19 +12,17 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import TypeVar
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.contract import OutboxState
-from core.outbox import CommitNotifier
+from core.ledger import Ledger, TransferRequest
+from core.outbox.states import OutboxState
 from core.settings import Settings
-from core.transfers import TransferRequest, TransferService, create_account
-from relay.db import connect
 from tests.relays import PrivateRedis, RelayProcess, new_queue, queued_messages, relay_env, start_relay
 
 pytestmark = pytest.mark.e2e
@@ -34,13 +32,6 @@ T = TypeVar("T")
 @pytest.fixture
 def queue() -> str:
     return new_queue()
-
-
-@pytest.fixture
-async def db(settings: Settings, engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    connection = await connect(settings, "test-relay-process")
-    yield connection
-    await connection.close()
 
 
 def env_for(settings: Settings, broker: PrivateRedis, queue: str, **extra: str) -> dict[str, str]:
@@ -92,19 +83,18 @@ def batch_logs(relay: RelayProcess) -> list[dict[str, object]]:
 async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
     engine: AsyncEngine,
     settings: Settings,
-    session_factory: async_sessionmaker[AsyncSession],
+    ledger: Ledger,
     db: asyncpg.Connection,
     broker: PrivateRedis,
     queue: str,
 ) -> None:
-    payer = await create_account(session_factory, "payer@example.com", "EUR", Decimal("100.00"))
-    payee = await create_account(session_factory, "payee@example.com", "EUR", Decimal("0.00"))
-    service = TransferService(engine, CommitNotifier(0.01))
+    payer = await ledger.open_account("payer@example.com", "EUR", Decimal("100.00"))
+    payee = await ledger.open_account("payee@example.com", "EUR", Decimal("0.00"))
     # A long idle poll: only the NOTIFY (or the linger after it) can explain a fast pick-up.
     with start_relay(env_for(settings, broker, queue, RELAY_POLL_INTERVAL="30")) as relay:
         await until(logged(relay, "relay.connected"), what="relay connected")
         for _ in range(20):
-            await service.transfer(TransferRequest(payer.id, payee.id, Decimal("1.00")))
+            await ledger.transfer(TransferRequest(payer.id, payee.id, Decimal("1.00")))
             await asyncio.sleep(0.01)
         await until(published(db, 40), what="40 rows published")
         lag = await db.fetchval("SELECT max(extract(epoch FROM published_at - created_at)) FROM outbox")

@@ -9,13 +9,13 @@ from decimal import Decimal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from core.errors import DomainError
-from core.outbox import CommitNotifier
+from core.ledger import TransferRequest
 from core.settings import Settings
-from core.transfers import TransferRequest, TransferService, create_account
+from tests.conftest import make_ledger
 
 GHOST = -1  # stands for an account that does not exist
 
@@ -33,12 +33,11 @@ balances = st.lists(st.decimals(min_value=Decimal(0), max_value=Decimal(100), pl
 
 async def _run(database_url: str, opening: list[Decimal], sequence: list[tuple[int, int, Decimal]]) -> None:
     engine = create_async_engine(database_url, poolclass=NullPool)
-    factory = async_sessionmaker(engine, expire_on_commit=False)
     try:
         async with engine.begin() as connection:
             await connection.execute(text("TRUNCATE task_runs, audit_log, outbox, transactions, accounts CASCADE"))
-        ids = [(await create_account(factory, f"p{i}@example.com", "EUR", b)).id for i, b in enumerate(opening)]
-        service = TransferService(engine, CommitNotifier(0.0))
+        service = make_ledger(engine, Settings(_env_file=None, database_url=database_url))
+        ids = [(await service.open_account(f"p{i}@example.com", "EUR", b)).id for i, b in enumerate(opening)]
         succeeded, failed = [], 0
         for source, target, amount in sequence:
             request = TransferRequest(

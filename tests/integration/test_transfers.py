@@ -11,14 +11,14 @@ from decimal import Decimal
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from api.main import create_app
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.errors import InsufficientFunds
-from core.outbox import CommitNotifier
+from core.ledger import TransferRequest
 from core.settings import Settings
-from core.transfers import TransferRequest, TransferService, create_account
+from tests.conftest import make_ledger
 
 
 async def test_transfer_writes_its_outbox_rows_in_the_same_commit(
@@ -112,9 +112,8 @@ async def test_concurrent_transfers_both_ways_never_deadlock_and_balance(
 ) -> None:
     """Real concurrent transactions between few accounts, in both directions."""
     pooled = create_async_engine(settings.async_database_url, pool_size=16, max_overflow=0)
-    factory: async_sessionmaker[AsyncSession] = async_sessionmaker(pooled, expire_on_commit=False)
-    service = TransferService(pooled, CommitNotifier(0.0))
-    accounts = [(await create_account(factory, f"u{i}@example.com", "EUR", Decimal("100.00"))).id for i in range(4)]
+    service = make_ledger(pooled, settings)
+    accounts = [(await service.open_account(f"u{i}@example.com", "EUR", Decimal("100.00"))).id for i in range(4)]
     rng = random.Random(7)
     outcomes = {"ok": 0, "insufficient": 0}
 
@@ -147,10 +146,9 @@ async def test_concurrent_requests_with_one_idempotency_key_make_one_transfer(
     settings: Settings, engine: AsyncEngine, key: str
 ) -> None:
     pooled = create_async_engine(settings.async_database_url, pool_size=8)
-    factory: async_sessionmaker[AsyncSession] = async_sessionmaker(pooled, expire_on_commit=False)
-    service = TransferService(pooled, CommitNotifier(0.0))
-    a = (await create_account(factory, "a@example.com", "EUR", Decimal("100"))).id
-    b = (await create_account(factory, "b@example.com", "EUR", Decimal("0"))).id
+    service = make_ledger(pooled, settings)
+    a = (await service.open_account("a@example.com", "EUR", Decimal("100"))).id
+    b = (await service.open_account("b@example.com", "EUR", Decimal("0"))).id
 
     results = await asyncio.gather(*(service.transfer(TransferRequest(a, b, Decimal("5.00"), key)) for _ in range(8)))
     await pooled.dispose()

@@ -8,6 +8,7 @@ fail visibly. Delays are 0 here except in the two timing tests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,13 +17,15 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL, TransferFacts, transfer_messages
 from core.settings import Settings
@@ -42,7 +45,7 @@ def _build_app(settings: Settings) -> Iterator[WorkerApp]:
     try:
         yield app
     finally:
-        app.database.close()
+        app.context.database.close()
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +54,15 @@ def app(database_url: str, redis_url: str) -> Iterator[WorkerApp]:
 
 
 def query(app: WorkerApp, sql: str, **params: Any) -> list[Any]:
-    async def run(engine: AsyncEngine) -> list[Any]:
-        async with engine.begin() as connection:
-            return list((await connection.execute(text(sql), params)).all())
+    async def run() -> list[Any]:
+        engine = create_async_engine(app.context.settings.async_database_url, poolclass=NullPool)
+        try:
+            async with engine.begin() as connection:
+                return list((await connection.execute(text(sql), params)).all())
+        finally:
+            await engine.dispose()
 
-    return app.database.run(run)
+    return asyncio.run(run())
 
 
 def insert_outbox_row(app: WorkerApp, task_name: str, kwargs: dict[str, Any], state: str = "published") -> str:
@@ -327,7 +334,7 @@ def test_default_delays(
         audit_write_delay=defaults.audit_write_delay,
     )
     for app in _build_app(settings):
-        app.database.run(_noop)  # connect first: time the task, not the first connection
+        app.context.database.run(_noop)  # connect first: time the task, not the first connection
         started = time.monotonic()
         outcome = app.tasks[task_name].apply(kwargs=kwargs, task_id=str(uuid.uuid4()))
         elapsed = time.monotonic() - started
@@ -335,6 +342,6 @@ def test_default_delays(
     assert elapsed >= seconds
 
 
-async def _noop(engine: AsyncEngine) -> None:
-    async with engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
+async def _noop(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as connection:
+        await connection.execute("SELECT 1")

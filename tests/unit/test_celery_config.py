@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.settings import Settings
 from worker.celery_app import create_celery_app
-from worker.db import engine_options
+from worker.db import pool_options
 
 
 def _settings(**values: object) -> Settings:
@@ -47,8 +47,7 @@ def test_defaults_suit_io_bound_tasks() -> None:
     assert conf.task_soft_time_limit == 50
     assert conf.task_default_queue == "celery"
     # One connection per task slot, so no thread waits for the pool.
-    options = engine_options(settings)
-    assert options["pool_size"] + options["max_overflow"] >= 64
+    assert pool_options(settings).max_size >= 64
 
 
 def test_tasks_are_registered_under_the_contract_names() -> None:

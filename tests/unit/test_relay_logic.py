@@ -10,8 +10,8 @@ from celery.utils.saferepr import saferepr
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.backoff import backoff_delay
 from core.settings import Settings
-from relay.backoff import backoff_delay
 from relay.celery_app import create_celery_app
 from relay.durations import parse_duration
 from relay.messages import RedisMessageBuilder
@@ -19,20 +19,20 @@ from relay.reprs import kwargs_repr
 
 
 def test_backoff_doubles_from_base_with_equal_jitter() -> None:
-    assert [backoff_delay(n, 1.0, 300.0, rand=lambda: 1.0) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
-    assert [backoff_delay(n, 1.0, 300.0, rand=lambda: 0.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert [backoff_delay(n, base=1.0, cap=300.0, rand=lambda: 1.0) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
+    assert [backoff_delay(n, base=1.0, cap=300.0, rand=lambda: 0.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
 
 
 @given(failures=st.integers(1, 10_000), base=st.floats(0.001, 60), cap=st.floats(0.001, 3600), rand=st.floats(0, 1))
 def test_backoff_stays_between_half_step_and_cap(failures: int, base: float, cap: float, rand: float) -> None:
-    delay = backoff_delay(failures, base, cap, rand=lambda: rand)
+    delay = backoff_delay(failures, base=base, cap=cap, rand=lambda: rand)
     step = min(cap, base * 2.0 ** min(failures - 1, 62))
     assert step / 2 <= delay <= step <= cap
 
 
 def test_backoff_rejects_zero_failures() -> None:
     with pytest.raises(ValueError, match="failures must be >= 1"):
-        backoff_delay(0, 1.0, 10.0)
+        backoff_delay(0, base=1.0, cap=10.0)
 
 
 @pytest.mark.parametrize(

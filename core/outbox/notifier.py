@@ -1,14 +1,10 @@
-"""Waking the relay at commit (the transfer writes its outbox rows itself, see core.transfers)."""
+"""Waking the relay at commit, at most once per interval per process."""
 
 from __future__ import annotations
 
 import time
 
-import asyncpg
-
-from core.contract import OUTBOX_CHANNEL
-
-_NOTIFY = "SELECT pg_notify($1, '')"
+from core.outbox.queries import Connection, notify
 
 
 class CommitNotifier:
@@ -25,11 +21,11 @@ class CommitNotifier:
         self._interval = interval
         self._last = float("-inf")
 
-    async def maybe_notify(self, connection: asyncpg.Connection) -> bool:
+    async def maybe_notify(self, connection: Connection) -> bool:
         """NOTIFY inside the caller's transaction (delivered at commit) unless one went out recently."""
         now = time.monotonic()
         if now - self._last < self._interval:
             return False
         self._last = now
-        await connection.execute(_NOTIFY, OUTBOX_CHANNEL)
+        await notify(connection)
         return True

@@ -1,0 +1,520 @@
+"""Every statement that reads or writes the `outbox` and `task_runs` tables, one function each.
+
+All of them run on an asyncpg connection handed in by the caller, inside the caller's
+transaction when they need one (each docstring says so); none commits. States come from
+core.outbox.states and every state change is one of OUTBOX_TRANSITIONS. Times are the
+database's clock, so processes on machines whose clocks disagree still agree on deadlines
+and leases.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from core.contract import OUTBOX_CHANNEL, TaskMessage
+from core.outbox.states import ALL_OUTBOX_STATES, OutboxState, RunState
+
+S = OutboxState
+# A connection of its own or one lent by a pool: the statements run on either.
+Connection = asyncpg.Connection | PoolConnectionProxy
+MAX_ERROR_LENGTH = 2_000
+
+
+# --- Writing a transfer's messages -------------------------------------------------------------
+
+
+def insert_messages_sql(*, first_param: int, transaction_param: int | None) -> str:
+    """The INSERT of a use case's messages, for the use case to end its own statement with.
+
+    The transfer writes its transaction and its messages in one statement (one round trip), so
+    it composes this text after its own CTEs. Parameters first_param.. first_param+2 are the
+    arrays message_arguments() returns; transaction_param (if any) is the transaction's id.
+    """
+    ids, names, kwargs = (f"${first_param + offset}" for offset in range(3))
+    transaction = f"${transaction_param}" if transaction_param is not None else "NULL::uuid"
+    return f"""
+INSERT INTO outbox (id, task_name, kwargs, transaction_id)
+SELECT message.id, message.task_name, message.kwargs::jsonb, {transaction}
+FROM unnest({ids}::uuid[], {names}::text[], {kwargs}::text[]) AS message (id, task_name, kwargs)
+"""
+
+
+def message_arguments(ids: Sequence[UUID], messages: Sequence[TaskMessage]) -> list[list[Any]]:
+    """The three arrays insert_messages_sql() binds: ids, task names, kwargs as JSON text."""
+    return [list(ids), [m.task_name for m in messages], [json.dumps(m.kwargs) for m in messages]]
+
+
+_INSERT_MESSAGES = insert_messages_sql(first_param=1, transaction_param=4)
+
+
+async def insert_messages(
+    connection: Connection, ids: Sequence[UUID], messages: Sequence[TaskMessage], transaction_id: UUID | None
+) -> None:
+    """Write messages as pending rows (for writers other than the transfer: deposits, the bench)."""
+    await connection.execute(_INSERT_MESSAGES, *message_arguments(ids, messages), transaction_id)
+
+
+_NOTIFY = "SELECT pg_notify($1, '')"
+
+
+async def notify(connection: Connection) -> None:
+    """Wake the relays at the commit of the caller's transaction."""
+    await connection.execute(_NOTIFY, OUTBOX_CHANNEL)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    """An outbox row as the API shows it."""
+
+    id: UUID
+    task_name: str
+    state: str
+    attempts: int
+    republishes: int
+    last_error: str | None
+    created_at: datetime
+    published_at: datetime | None
+    completed_at: datetime | None
+
+
+_MESSAGES_OF_TRANSACTION = """
+SELECT id, task_name, state, attempts, republishes, last_error, created_at, published_at, completed_at
+FROM outbox WHERE transaction_id = $1 ORDER BY task_name
+"""
+
+
+async def messages_of_transaction(connection: Connection, transaction_id: UUID) -> list[MessageView]:
+    """The outbox rows a transaction wrote, by task name."""
+    return [MessageView(**dict(r)) for r in await connection.fetch(_MESSAGES_OF_TRANSACTION, transaction_id)]
+
+
+# --- The relay: claim, mark published, record failures -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A claimed row: what the publisher needs, and how many attempts it already had."""
+
+    id: UUID
+    task_name: str
+    kwargs: Any  # decoded JSON; a publisher rejects anything but an object
+    attempts: int
+    decode_error: str | None = None  # set when the stored kwargs are JSON Python cannot read
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed publish attempt of one row, and how long to wait before the next."""
+
+    row: OutboxRow
+    error: str
+    delay: float
+
+
+_CLAIM = f"""
+SELECT id, task_name, kwargs::text AS kwargs, attempts
+FROM outbox
+WHERE state = '{S.PENDING}' AND next_attempt_at <= now()
+ORDER BY created_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+
+async def claim_pending(connection: Connection, limit: int) -> list[OutboxRow]:
+    """Lock up to `limit` due pending rows, oldest first, skipping rows other relays hold.
+
+    Must run inside a transaction; the locks last until it ends.
+    """
+    return [_claimed(r) for r in await connection.fetch(_CLAIM, limit)]
+
+
+def _claimed(record: asyncpg.Record) -> OutboxRow:
+    # Decoded row by row: PostgreSQL accepts JSON that Python refuses (a 5,000-digit number, deep
+    # nesting), and one such row must fail alone rather than the whole claim.
+    try:
+        kwargs = json.loads(record["kwargs"])
+    except (ValueError, RecursionError) as exc:
+        return OutboxRow(record["id"], record["task_name"], None, record["attempts"], f"undecodable kwargs: {exc}")
+    return OutboxRow(record["id"], record["task_name"], kwargs, record["attempts"])
+
+
+_MARK_PUBLISHED = f"""
+UPDATE outbox
+SET state = '{S.PUBLISHED}', published_at = clock_timestamp(), attempts = attempts + 1
+WHERE id = ANY($1::uuid[]) AND state = '{S.PENDING}'
+"""
+
+
+async def mark_published(connection: Connection, ids: Sequence[UUID]) -> None:
+    """Record that the broker accepted these claimed rows (published, published_at, attempts + 1)."""
+    if ids:
+        await connection.execute(_MARK_PUBLISHED, list(ids))
+
+
+_RECORD_FAILURES = f"""
+UPDATE outbox AS o
+SET attempts = o.attempts + 1,
+    last_error = f.error,
+    next_attempt_at = now() + make_interval(secs => f.delay),
+    state = CASE WHEN o.attempts + 1 >= $4 THEN '{S.DEAD}' ELSE '{S.PENDING}' END
+FROM unnest($1::uuid[], $2::text[], $3::float8[]) AS f(id, error, delay)
+WHERE o.id = f.id AND o.state = '{S.PENDING}'
+RETURNING o.id, o.state, o.attempts
+"""
+
+
+async def record_failures(
+    connection: Connection, failures: Sequence[Failure], max_attempts: int
+) -> dict[UUID, tuple[str, int]]:
+    """Count a failed attempt per claimed row, keep its error, schedule its retry; dead at max_attempts.
+
+    Returns each row's new (state, attempts).
+    """
+    if not failures:
+        return {}
+    records = await connection.fetch(
+        _RECORD_FAILURES,
+        [f.row.id for f in failures],
+        [f.error[:MAX_ERROR_LENGTH] for f in failures],
+        [f.delay for f in failures],
+        max_attempts,
+    )
+    return {r["id"]: (r["state"], r["attempts"]) for r in records}
+
+
+# --- The reconciler: published rows that never completed ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    id: UUID
+    task_name: str
+    state: str
+    republishes: int
+
+
+# attempts restarts at 0: it counts the publish attempts of the current round, so a short broker
+# outage right after a re-publish does not use up the budget earlier rounds spent.
+_RECONCILE = f"""
+WITH overdue AS (
+    SELECT id FROM outbox
+    WHERE state = '{S.PUBLISHED}' AND published_at < now() - make_interval(secs => $1)
+    ORDER BY published_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox AS o
+SET state = CASE WHEN o.republishes >= $3 THEN '{S.DEAD}' ELSE '{S.PENDING}' END,
+    republishes = CASE WHEN o.republishes >= $3 THEN o.republishes ELSE o.republishes + 1 END,
+    attempts = CASE WHEN o.republishes >= $3 THEN o.attempts ELSE 0 END,
+    next_attempt_at = now(),
+    last_error = CASE WHEN o.republishes >= $3 THEN $4 ELSE $5 END
+FROM overdue
+WHERE o.id = overdue.id
+RETURNING o.id, o.task_name, o.state, o.republishes
+"""
+
+
+async def reset_overdue(
+    connection: Connection,
+    *,
+    deadline: float,
+    limit: int,
+    max_republishes: int,
+    dead_reason: str,
+    republished_reason: str,
+) -> list[Reconciled]:
+    """Send up to `limit` rows published more than `deadline` seconds ago back to pending, or to
+    dead once they were re-published `max_republishes` times. One statement; safe on every
+    relay at once (SKIP LOCKED)."""
+    records = await connection.fetch(_RECONCILE, deadline, limit, max_republishes, dead_reason, republished_reason)
+    return [Reconciled(r["id"], r["task_name"], r["state"], r["republishes"]) for r in records]
+
+
+# --- The worker: task runs, completion, failure -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRun:
+    state: RunState
+    result: dict[str, Any] | None
+    lease_left: float  # seconds until the holder's lease runs out (0 when it has)
+
+
+_RECORD_DONE = f"""
+INSERT INTO task_runs (task_id, task_name, state, result, finished_at)
+VALUES ($1, $2, '{RunState.DONE}', $3::text::jsonb, now())
+ON CONFLICT (task_id) DO NOTHING
+RETURNING task_id
+"""
+
+
+async def record_run_done(connection: Connection, task_id: str, task_name: str, result: dict[str, Any]) -> bool:
+    """Record a task id's effect as made, unless some delivery recorded it first.
+
+    Returns True if this call recorded it. Run it in the transaction that makes the effect.
+    """
+    return await connection.fetchval(_RECORD_DONE, task_id, task_name, json.dumps(result)) is not None
+
+
+_STORED_RUN = """
+SELECT state, result::text AS result, GREATEST(EXTRACT(EPOCH FROM lease_until - now()), 0)::float8 AS lease_left
+FROM task_runs WHERE task_id = $1
+"""
+
+
+async def stored_run(connection: Connection, task_id: str) -> StoredRun | None:
+    """The task id's record, or None if no delivery has recorded anything."""
+    row = await connection.fetchrow(_STORED_RUN, task_id)
+    if row is None:
+        return None
+    result = json.loads(row["result"]) if row["result"] is not None else None
+    return StoredRun(RunState(row["state"]), result, float(row["lease_left"] or 0.0))
+
+
+# Take the lease if nobody has it, or take over one whose holder outlived it (a crashed worker).
+_CLAIM_LEASE = f"""
+INSERT INTO task_runs (task_id, task_name, state, lease_until)
+VALUES ($1, $2, '{RunState.RUNNING}', now() + make_interval(secs => $3))
+ON CONFLICT (task_id) DO UPDATE
+    SET lease_until = EXCLUDED.lease_until, started_at = now()
+    WHERE task_runs.state = '{RunState.RUNNING}' AND task_runs.lease_until < now()
+RETURNING task_id
+"""
+
+
+async def claim_lease(connection: Connection, task_id: str, task_name: str, seconds: float) -> bool:
+    """Take the lease on making this task id's effect for `seconds`. True if this call has it."""
+    return await connection.fetchval(_CLAIM_LEASE, task_id, task_name, float(seconds)) is not None
+
+
+_RELEASE_LEASE = f"UPDATE task_runs SET lease_until = now() WHERE task_id = $1 AND state = '{RunState.RUNNING}'"
+
+
+async def release_lease(connection: Connection, task_id: str) -> None:
+    """End a running lease now, so that the next delivery need not wait for it to run out."""
+    await connection.execute(_RELEASE_LEASE, task_id)
+
+
+_FINISH_RUN = f"""
+UPDATE task_runs SET state = '{RunState.DONE}', result = $2::text::jsonb, lease_until = NULL, finished_at = now()
+WHERE task_id = $1
+"""
+
+
+async def finish_run(connection: Connection, task_id: str, result: dict[str, Any]) -> None:
+    """Record the leased effect as made, with the result later deliveries return."""
+    await connection.execute(_FINISH_RUN, task_id, json.dumps(result))
+
+
+_COMPLETE = f"""
+UPDATE outbox SET state = '{S.COMPLETED}', completed_at = now()
+WHERE id = $1 AND state <> '{S.COMPLETED}'
+"""
+
+
+async def complete(connection: Connection, outbox_id: UUID) -> None:
+    """Mark the row completed (from any state but completed: the effect happened)."""
+    await connection.execute(_COMPLETE, outbox_id)
+
+
+_FAIL = f"""
+UPDATE outbox SET state = '{S.FAILED}', last_error = $2
+WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}')
+RETURNING id
+"""
+
+
+async def fail(connection: Connection, outbox_id: UUID, error: str) -> bool:
+    """Mark the row failed with `error`, unless it completed or was given up already.
+
+    Returns whether a row was marked.
+    """
+    return await connection.fetchval(_FAIL, outbox_id, error[:MAX_ERROR_LENGTH]) is not None
+
+
+# --- Operators: status, dead letters, replay, purge --------------------------------------------
+
+_COUNTS = "SELECT state, count(*) AS n FROM outbox GROUP BY state"
+
+
+async def state_counts(connection: Connection) -> dict[str, int]:
+    """Rows per state (every state present, zero included)."""
+    counts = dict.fromkeys(ALL_OUTBOX_STATES, 0)
+    counts.update({r["state"]: r["n"] for r in await connection.fetch(_COUNTS)})
+    return {str(state): n for state, n in counts.items()}
+
+
+_FIGURES = f"""
+SELECT
+  (SELECT extract(epoch FROM now() - min(created_at)) FROM outbox WHERE state = '{S.PENDING}')
+      AS oldest_pending_s,
+  (SELECT extract(epoch FROM now() - min(published_at)) FROM outbox WHERE state = '{S.PUBLISHED}')
+      AS oldest_published_s,
+  (SELECT count(*) FROM outbox WHERE published_at > now() - interval '1 minute') AS published_last_minute,
+  (SELECT count(*) FROM outbox WHERE completed_at > now() - interval '1 minute') AS completed_last_minute
+"""
+
+
+async def figures(connection: Connection) -> dict[str, Any]:
+    """Oldest pending and published ages (seconds, None when there is none) and last-minute counts."""
+    row = await connection.fetchrow(_FIGURES)
+    assert row is not None  # an aggregate query always returns its one row
+    return dict(row)
+
+
+_LATENCY = """
+SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - created_at))
+FROM outbox WHERE completed_at > now() - interval '1 minute'
+"""
+
+
+async def completion_latency(connection: Connection) -> tuple[float, float] | None:
+    """commit->completed p50 and p99 in seconds over the last minute, or None if nothing completed."""
+    value = await connection.fetchval(_LATENCY)
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class GivenUp:
+    id: UUID
+    state: str
+    task_name: str
+    attempts: int
+    republishes: int
+    last_error: str | None
+    created_at: datetime
+
+
+_GIVEN_UP = f"""
+SELECT id, state, task_name, attempts, republishes, last_error, created_at
+FROM outbox WHERE state IN ('{S.DEAD}', '{S.FAILED}')
+ORDER BY created_at LIMIT $1
+"""
+
+
+async def given_up(connection: Connection, limit: int) -> list[GivenUp]:
+    """Dead and failed rows, oldest first."""
+    return [GivenUp(**dict(r)) for r in await connection.fetch(_GIVEN_UP, limit)]
+
+
+_REPLAY_RESET = f"""
+SET state = '{S.PENDING}', attempts = 0, republishes = 0, next_attempt_at = now(),
+    published_at = NULL, completed_at = NULL, last_error = $2"""
+_REPLAY = f"""
+UPDATE outbox {_REPLAY_RESET}
+WHERE id = ANY($1::uuid[]) AND state IN ('{S.DEAD}', '{S.FAILED}')
+RETURNING id
+"""
+_REPLAY_STATES = f"""
+UPDATE outbox {_REPLAY_RESET}
+WHERE state = ANY($1::text[]) AND state IN ('{S.DEAD}', '{S.FAILED}')
+RETURNING id
+"""
+
+
+async def replay(
+    connection: Connection, *, ids: Sequence[UUID] = (), states: Sequence[OutboxState] = (), reason: str
+) -> set[UUID]:
+    """Put dead or failed rows (the given ids, or every row in `states`) back to pending with fresh
+    counters. Returns the ids replayed; others are left alone. Run it in a transaction with notify()."""
+    if ids:
+        records = await connection.fetch(_REPLAY, list(ids), reason)
+    else:
+        records = await connection.fetch(_REPLAY_STATES, [str(s) for s in states], reason)
+    return {r["id"] for r in records}
+
+
+# Short statements, each deleting at most `limit` rows and skipping rows someone holds. Only
+# completed rows: a published row is still tracked by the reconciler until its task completes,
+# and dead or failed rows wait for an operator.
+_PURGE = f"""
+DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox
+    WHERE state = '{S.COMPLETED}' AND completed_at < now() - $1::interval
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+async def purge_completed(connection: Connection, older_than: timedelta, limit: int) -> int:
+    """Delete at most `limit` rows completed more than `older_than` ago. Returns how many."""
+    result = await connection.execute(_PURGE, older_than, limit)
+    return int(result.split()[-1])
+
+
+# --- Measurement (the bench and the tests read the pipeline's timings) --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    id: UUID
+    state: str
+    created_at: datetime
+    published_at: datetime | None
+    started_at: datetime | None  # when a worker began its effect (task_runs)
+    completed_at: datetime | None
+
+
+_TIMINGS = """
+SELECT o.id, o.state, o.created_at, o.published_at, r.started_at, o.completed_at
+FROM outbox o LEFT JOIN task_runs r ON r.task_id = o.id::text
+WHERE o.id = ANY($1::uuid[])
+"""
+
+
+async def timings(connection: Connection, ids: Sequence[UUID]) -> list[Timing]:
+    """When each of these rows was committed, published, started and completed."""
+    return [Timing(**dict(r)) for r in await connection.fetch(_TIMINGS, list(ids))]
+
+
+_PUBLISH_WINDOW = """
+SELECT count(*) AS n, extract(epoch FROM max(published_at) - min(published_at)) AS span
+FROM outbox WHERE published_at IS NOT NULL
+"""
+
+
+async def publish_window(connection: Connection) -> tuple[int, float]:
+    """How many rows were ever published, and the seconds between the first and the last."""
+    row = await connection.fetchrow(_PUBLISH_WINDOW)
+    assert row is not None
+    return int(row["n"]), float(row["span"] or 0.0)
+
+
+_RUN_COUNT = "SELECT count(*) FROM task_runs"
+
+
+async def run_count(connection: Connection) -> int:
+    """How many task ids a worker has started."""
+    return int(await connection.fetchval(_RUN_COUNT))
+
+
+_FILL = "INSERT INTO outbox (id, task_name, kwargs) SELECT gen_random_uuid(), $1, $2::jsonb FROM generate_series(1, $3)"
+
+
+async def fill(connection: Connection, task_name: str, kwargs_json: str, rows: int) -> None:
+    """Write `rows` identical pending rows (the bench's backlogs)."""
+    await connection.execute(_FILL, task_name, kwargs_json, rows)
+
+
+async def analyze(connection: Connection) -> None:
+    """Refresh the planner's statistics after a bulk write."""
+    await connection.execute("ANALYZE outbox")
+
+
+_CLEAR = "TRUNCATE outbox, task_runs, audit_log"
+
+
+async def clear(connection: Connection) -> None:
+    """Empty the outbox, the task runs and the audit log (the bench, between scenarios)."""
+    await connection.execute(_CLEAR)
