@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
 import asyncpg
 
 from core.outbox import queries
 
+T = TypeVar("T")
 PAYLOAD = '{"email": "bench@example.com", "amount": "1.00", "status": "SUCCESS"}'
 
 
@@ -23,9 +27,14 @@ async def fill_backlog(database_url: str, rows: int, *, task_name: str = "send_t
         await connection.close()
 
 
-async def count_by_state(database_url: str) -> dict[str, int]:
+async def on_database(database_url: str, query: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run one of core.outbox.queries on a connection of its own."""
     connection = await asyncpg.connect(database_url)
     try:
-        return await queries.state_counts(connection)
+        return await query(connection, *args)
     finally:
         await connection.close()
+
+
+async def count_by_state(database_url: str) -> dict[str, int]:
+    return await on_database(database_url, queries.state_counts)

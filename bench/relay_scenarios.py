@@ -11,10 +11,9 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
-import asyncpg
 import redis
 
-from bench.backlog import count_by_state, fill_backlog
+from bench.backlog import count_by_state, fill_backlog, on_database
 from bench.environment import process, python, service_env
 from bench.loadgen import percentile
 from bench.stats import Figure
@@ -58,11 +57,7 @@ def clear_queue(redis_url: str) -> None:
 
 
 async def _publish_window(database_url: str) -> tuple[int, float]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        return await queries.publish_window(connection)
-    finally:
-        await connection.close()
+    return await on_database(database_url, queries.publish_window)
 
 
 def _wait_drained(database_url: str, timeout: float) -> None:
@@ -146,11 +141,7 @@ async def _latencies(database_url: str, records: list[dict[str, object]]) -> tup
     for record in records:
         for outbox_id in record["ids"]:  # type: ignore[attr-defined]
             committed[outbox_id] = float(record["committed"])  # type: ignore[arg-type]
-    connection = await asyncpg.connect(database_url)
-    try:
-        rows = await queries.timings(connection, [uuid.UUID(i) for i in committed])
-    finally:
-        await connection.close()
+    rows = await on_database(database_url, queries.timings, [uuid.UUID(i) for i in committed])
     to_broker = sorted(
         1000 * (r.published_at.timestamp() - committed[str(r.id)]) for r in rows if r.published_at is not None
     )
@@ -160,11 +151,7 @@ async def _latencies(database_url: str, records: list[dict[str, object]]) -> tup
 
 def _wait_started(database_url: str, expected: int, timeout: float) -> None:
     async def started() -> int:
-        connection = await asyncpg.connect(database_url)
-        try:
-            return await queries.run_count(connection)
-        finally:
-            await connection.close()
+        return await on_database(database_url, queries.run_count)
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and asyncio.run(started()) < expected:
@@ -258,11 +245,7 @@ def worker_capacity(database_url: str, redis_url: str, workdir: Path, *, transfe
 
 def _wait_completed(database_url: str, expected: int, timeout: float) -> None:
     async def completed() -> int:
-        connection = await asyncpg.connect(database_url)
-        try:
-            return (await queries.state_counts(connection))[OutboxState.COMPLETED]
-        finally:
-            await connection.close()
+        return (await count_by_state(database_url))[OutboxState.COMPLETED]
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
