@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import api_cost, relay_scenarios
+from bench import api_cost, capacity, relay_scenarios
 from bench.environment import ROOT, bench_redis_url, fresh_database
 from bench.report import chart, print_table, targets
 from bench.stats import Figure
@@ -30,11 +30,35 @@ class Plan:
     rates: list[int]
     latency_seconds: float
     capacity_transfers: int
+    capacity_rates: list[int]
+    capacity_seconds: float
+    capacity_configurations: list[tuple[capacity.Delays, int, bool]]
 
 
-FULL = Plan([1, 16, 64], 8.0, 3, 100_000, 20_000, (100_000, 1_000_000), [200, 1000], 5.0, 600)
-QUICK = Plan([16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30)
-SCENARIOS = ("api", "throughput", "latency", "memory", "worker")
+_EVERY_PIPELINE = [
+    (capacity.ZERO, 1, False),
+    (capacity.ZERO, 2, False),
+    (capacity.SEED, 1, False),
+    (capacity.SEED, 2, False),
+    (capacity.ZERO, 1, True),
+    (capacity.SEED, 1, True),
+]
+FULL = Plan(
+    [1, 16, 64],
+    8.0,
+    3,
+    100_000,
+    20_000,
+    (100_000, 1_000_000),
+    [200, 1000],
+    5.0,
+    600,
+    [25, 50, 100, 150, 200, 300, 400],
+    15.0,
+    _EVERY_PIPELINE,
+)
+QUICK = Plan([16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30, [50, 150], 5.0, [(capacity.ZERO, 1, False)])
+SCENARIOS = ("api", "throughput", "latency", "memory", "worker", "capacity")
 
 
 def main() -> None:
@@ -87,8 +111,18 @@ def main() -> None:
             figures += relay_scenarios.worker_capacity(
                 database_url, redis_url, workdir, transfers=plan.capacity_transfers, repeats=plan.repeats
             )
+        if "capacity" in args.only:
+            figures += capacity.measure(
+                database_url,
+                redis_url,
+                workdir,
+                rates=plan.capacity_rates,
+                seconds=plan.capacity_seconds,
+                configurations=plan.capacity_configurations,
+            )
     checks = targets(figures, plan.memory_backlogs)
     print_table(figures, checks)
+    capacity.print_steps(figures)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     document = {
         "when": stamp,

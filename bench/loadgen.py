@@ -22,14 +22,17 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def _request(host: str, path: str, body: bytes) -> bytes:
+def request_bytes(host: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status and its body."""
     status_line = await reader.readline()
     if not status_line:
         raise ConnectionError("server closed the connection")
@@ -42,8 +45,7 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
-    await reader.readexactly(length)
-    return status
+    return status, await reader.readexactly(length)
 
 
 async def _connection(
@@ -66,8 +68,8 @@ async def _connection(
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), request_timeout)
             assert reader is not None
             assert writer is not None
-            writer.write(_request(host, path, rng.choice(bodies)))
-            status = await asyncio.wait_for(_read_response(reader), request_timeout)
+            writer.write(request_bytes(host, path, rng.choice(bodies)))
+            status, _ = await asyncio.wait_for(read_response(reader), request_timeout)
         except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
             statuses[type(exc).__name__] += 1
             if writer is not None:

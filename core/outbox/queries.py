@@ -459,6 +459,8 @@ async def purge_completed(connection: Connection, older_than: timedelta, limit: 
 @dataclass(frozen=True, slots=True)
 class Timing:
     id: UUID
+    transaction_id: UUID | None
+    task_name: str
     state: str
     created_at: datetime
     published_at: datetime | None
@@ -467,7 +469,7 @@ class Timing:
 
 
 _TIMINGS = """
-SELECT o.id, o.state, o.created_at, o.published_at, r.started_at, o.completed_at
+SELECT o.id, o.transaction_id, o.task_name, o.state, o.created_at, o.published_at, r.started_at, o.completed_at
 FROM outbox o LEFT JOIN task_runs r ON r.task_id = o.id::text
 WHERE o.id = ANY($1::uuid[])
 """
@@ -476,6 +478,18 @@ WHERE o.id = ANY($1::uuid[])
 async def timings(connection: Connection, ids: Sequence[UUID]) -> list[Timing]:
     """When each of these rows was committed, published, started and completed."""
     return [Timing(**dict(r)) for r in await connection.fetch(_TIMINGS, list(ids))]
+
+
+_TIMINGS_OF_TRANSACTIONS = """
+SELECT o.id, o.transaction_id, o.task_name, o.state, o.created_at, o.published_at, r.started_at, o.completed_at
+FROM outbox o LEFT JOIN task_runs r ON r.task_id = o.id::text
+WHERE o.transaction_id = ANY($1::uuid[])
+"""
+
+
+async def timings_of_transactions(connection: Connection, transaction_ids: Sequence[UUID]) -> list[Timing]:
+    """The same, for every row these transactions wrote."""
+    return [Timing(**dict(r)) for r in await connection.fetch(_TIMINGS_OF_TRANSACTIONS, list(transaction_ids))]
 
 
 _PUBLISH_WINDOW = """
