@@ -19,6 +19,9 @@ from core.transfers import TransferService
 
 ServiceFactory = Callable[[AsyncEngine, Settings], TransferService]
 
+# How the API's sessions show in pg_stat_activity (the relay's and the worker's name theirs too).
+API_APPLICATION_NAME = "outbox-api"
+
 
 def _transfer_service(engine: AsyncEngine, settings: Settings) -> TransferService:
     return TransferService(engine, CommitNotifier(settings.outbox_notify_interval))
@@ -36,7 +39,11 @@ def create_app(settings: Settings | None = None, transfer_service: ServiceFactor
         configure_logging(resolved, "api")
         # No pre-ping: it cost three round trips per request. A connection broken by a database
         # restart fails one request with 503 and is discarded (see DriverUnitOfWork).
-        engine = create_engine(resolved, pool_pre_ping=False)
+        engine = create_engine(
+            resolved,
+            pool_pre_ping=False,
+            connect_args={"server_settings": {"application_name": API_APPLICATION_NAME}},
+        )
         session_factory = create_session_factory(engine)
         app.state.services = AppState(resolved, engine, session_factory, transfer_service(engine, resolved))
         try:
