@@ -47,14 +47,23 @@ class UnitOfWork:
         await self.session.rollback()
 
 
-# Errors after which a driver connection cannot be used again.
+# Errors after which a driver connection cannot be used again. InternalClientError is what
+# asyncpg raises when the server's FATAL (restart, pg_terminate_backend) was read but not yet
+# its close of the socket: the protocol is then stuck and the connection not yet "closed".
 _CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.OperatorInterventionError,
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
+
+
+class ConnectionUnusable(ConnectionError):
+    """The pooled connection broke: it could not start the transaction, or the driver's state
+    became inconsistent in the middle of it. It has been discarded; the next unit of work gets
+    another connection. Nothing was committed, unless it broke during commit() itself."""
 
 
 class DriverUnitOfWork:
@@ -64,6 +73,10 @@ class DriverUnitOfWork:
     than the SQL itself, so its statements go straight to asyncpg, inside one explicit
     transaction. Usage: ``async with DriverUnitOfWork(engine) as uow: ...; await uow.commit()``;
     leaving the block without commit() rolls back.
+
+    A connection that breaks is invalidated (closed and replaced in the pool), never handed
+    out again; the driver's connection errors propagate, others that mean a broken connection
+    become ConnectionUnusable.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -79,14 +92,22 @@ class DriverUnitOfWork:
         return self._connection
 
     async def __aenter__(self) -> Self:
-        self._pooled = await self._engine.connect()
+        pooled = self._pooled = await self._engine.connect()
         try:
-            raw = await self._pooled.get_raw_connection()
+            raw = await pooled.get_raw_connection()
             self._connection = raw.driver_connection
             self._transaction = self.connection.transaction()
             await self._transaction.start()
-        except BaseException:
-            await self._pooled.close()
+        except BaseException as exc:
+            self._pooled = self._transaction = self._connection = None
+            # BEGIN failed: the server dropped the connection before the driver saw it close,
+            # or BEGIN was cut off half-way (cancelled) and the driver's state is unknown.
+            # Either way it must not go back to the pool, where the next request would fail
+            # on it too.
+            await pooled.invalidate()
+            await pooled.close()
+            if isinstance(exc, Exception):
+                raise ConnectionUnusable(f"could not start a transaction: {_describe(exc)}") from exc
             raise
         return self
 
@@ -114,7 +135,13 @@ class DriverUnitOfWork:
                     # pool: the connection is discarded instead of handed to the next request.
                     await pooled.invalidate()
                 await pooled.close()
+        if isinstance(exc, asyncpg.InternalClientError):
+            raise ConnectionUnusable(f"the connection broke: {_describe(exc)}") from exc
 
     async def commit(self) -> None:
         await self._transaction.commit()
         self._transaction = None
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
