@@ -94,6 +94,7 @@ class OwnPostgres:
 
             self.system_user = "pgserver"
             entry = ensure_user_exists(self.system_user)
+            assert entry is not None
             ensure_prefix_permissions(self.data_dir)
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
         self._run("initdb", "-D", str(self.data_dir), "--auth=trust", "-U", "postgres", "--encoding=utf8")
