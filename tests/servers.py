@@ -90,14 +90,25 @@ class OwnPostgres:
     def init(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
-
-            self.system_user = "pgserver"
-            entry = ensure_user_exists(self.system_user)
-            assert entry is not None
-            ensure_prefix_permissions(self.data_dir)
-            os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+            self._prepare_system_user()
         self._run("initdb", "-D", str(self.data_dir), "--auth=trust", "-U", "postgres", "--encoding=utf8")
+
+    def _prepare_system_user(self) -> None:
+        """As pgserver does when run as root: a system user that may run the binaries and owns the data."""
+        import stat
+
+        from pgserver._commands import POSTGRES_BIN_PATH
+        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        self.system_user = "pgserver"
+        entry = ensure_user_exists(self.system_user)
+        assert entry is not None
+        readable = stat.S_IRGRP | stat.S_IROTH
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
+        ensure_prefix_permissions(self.data_dir)
+        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
 
     def start(self) -> None:
         options = f"-h 127.0.0.1 -p {self.port} -k '' -c fsync=off -c max_connections=200"
@@ -107,8 +118,9 @@ class OwnPostgres:
         self._pg_ctl("stop", "-m", mode)
 
     def restart(self, mode: str = "fast") -> None:
-        """Stop (fast mode: every session gets FATAL and its socket closed) and start again."""
-        self._pg_ctl("restart", "-m", mode)
+        """Stop (fast mode: every session gets FATAL and its socket closed) and start again,
+        with the options it was started with."""
+        self._pg_ctl("restart", "-m", mode, "-l", str(self.data_dir / "server.log"))
 
     def is_running(self) -> bool:
         return (self.data_dir / "postmaster.pid").exists()
@@ -123,14 +135,18 @@ class OwnPostgres:
     def _run(self, binary: str, *args: str) -> None:
         from pgserver._commands import POSTGRES_BIN_PATH
 
-        subprocess.run(
-            [str(POSTGRES_BIN_PATH / binary), *args],
-            check=True,
-            capture_output=True,
-            timeout=60,
-            user=self.system_user,
-            cwd=self.data_dir.parent,
-        )
+        # Output to a file, not a pipe: the server pg_ctl starts inherits it, and a pipe would
+        # stay open (and this call wait) for as long as the server runs.
+        with (self.data_dir.parent / "commands.log").open("ab") as log:
+            subprocess.run(
+                [str(POSTGRES_BIN_PATH / binary), *args],
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+                user=self.system_user,
+                cwd=self.data_dir.parent,
+            )
 
 
 @contextmanager
