@@ -37,8 +37,9 @@ def create_app(settings: Settings | None = None, transfer_service: ServiceFactor
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or get_settings()
         configure_logging(resolved, "api")
-        # No pre-ping: it cost three round trips per request. A connection broken by a database
-        # restart fails one request with 503 and is discarded (see DriverUnitOfWork).
+        # No pre-ping: it cost three round trips per request. The pool still never hands out a
+        # connection the driver knows the server closed (core.database), and one that fails
+        # its BEGIN fails that one request with 503 and is discarded (DriverUnitOfWork).
         engine = create_engine(
             resolved,
             pool_pre_ping=False,
