@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import (
@@ -24,6 +25,10 @@ from core.transient import CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
 
+# Seconds a client should wait before retrying a 503: a restarted database is back in about
+# that long, and the pool replaces the connections the restart broke on their next use.
+RETRY_AFTER_SECONDS = 1
+
 STATUS_BY_ERROR: dict[type[DomainError], int] = {
     AccountNotFound: 404,
     TransactionNotFound: 404,
@@ -34,10 +39,12 @@ STATUS_BY_ERROR: dict[type[DomainError], int] = {
 
 
 def error_response(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
+    """The one error body. Every 503 says when to try again (`Retry-After`)."""
     body: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         body["details"] = details
-    return JSONResponse(status_code=status, content={"error": body})
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -73,6 +80,11 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     return error_response(503, "database_unavailable", "the database is unreachable; try again shortly")
 
 
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("no database connection free in time: %s", exc)
+    return error_response(503, "database_busy", "the database is busy; try again shortly")
+
+
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DBAPIError)
     # No statement means the error came while connecting (server down, too many clients).
@@ -96,4 +108,5 @@ def install_error_handlers(app: FastAPI) -> None:
     for error in unavailable:
         app.add_exception_handler(error, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _database_busy)
     app.add_exception_handler(Exception, _unexpected)

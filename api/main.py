@@ -19,6 +19,9 @@ from core.settings import Settings, get_settings
 
 LedgerFactory = Callable[[AsyncEngine, Settings], Ledger]
 
+# How the API's sessions show in pg_stat_activity (the relay's and the worker's name theirs too).
+API_APPLICATION_NAME = "outbox-api"
+
 
 def _ledger(engine: AsyncEngine, settings: Settings) -> Ledger:
     notifier = CommitNotifier(settings.outbox_notify_interval)
@@ -35,9 +38,14 @@ def create_app(settings: Settings | None = None, ledger: LedgerFactory = _ledger
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or get_settings()
         configure_logging(resolved, "api")
-        # No pre-ping: it cost three round trips per request. A connection broken by a database
-        # restart fails one request with 503 and is discarded (see DriverUnitOfWork).
-        engine = create_engine(resolved, pool_pre_ping=False)
+        # No pre-ping: it cost three round trips per request. The pool still never hands out a
+        # connection the driver knows the server closed (core.database), and one that fails
+        # its BEGIN fails that one request with 503 and is discarded (DriverUnitOfWork).
+        engine = create_engine(
+            resolved,
+            pool_pre_ping=False,
+            connect_args={"server_settings": {"application_name": API_APPLICATION_NAME}},
+        )
         app.state.services = AppState(resolved, engine, ledger(engine, resolved))
         try:
             yield

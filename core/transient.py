@@ -15,6 +15,7 @@ from sqlalchemy import exc as sa_exc
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.PostgresConnectionError,  # includes CannotConnectNowError (the server is starting)
     asyncpg.InterfaceError,  # "connection is closed", "another operation is in progress"
+    asyncpg.InternalClientError,  # FATAL read but the close not yet: the driver's state is broken
     asyncpg.OperatorInterventionError,  # admin shutdown, pg_terminate_backend
     asyncpg.IdleInTransactionSessionTimeoutError,
     OSError,  # refused/reset connections, DNS

@@ -8,7 +8,14 @@ from typing import Any, Self
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from core.logging import describe
 from core.transient import CONNECTION_ERRORS
+
+
+class ConnectionUnusable(ConnectionError):
+    """The pooled connection broke: it could not start the transaction, or the driver's state
+    became inconsistent in the middle of it. It has been discarded; the next unit of work gets
+    another connection. Nothing was committed, unless it broke during commit() itself."""
 
 
 class DriverUnitOfWork:
@@ -18,6 +25,10 @@ class DriverUnitOfWork:
     than the SQL itself, so its statements go straight to asyncpg, inside one explicit
     transaction. Usage: ``async with DriverUnitOfWork(engine) as uow: ...; await uow.commit()``;
     leaving the block without commit() rolls back.
+
+    A connection that breaks is invalidated (closed and replaced in the pool), never handed
+    out again; the driver's connection errors propagate, others that mean a broken connection
+    become ConnectionUnusable.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -33,14 +44,22 @@ class DriverUnitOfWork:
         return self._connection
 
     async def __aenter__(self) -> Self:
-        self._pooled = await self._engine.connect()
+        pooled = self._pooled = await self._engine.connect()
         try:
-            raw = await self._pooled.get_raw_connection()
+            raw = await pooled.get_raw_connection()
             self._connection = raw.driver_connection
             self._transaction = self.connection.transaction()
             await self._transaction.start()
-        except BaseException:
-            await self._pooled.close()
+        except BaseException as exc:
+            self._pooled = self._transaction = self._connection = None
+            # BEGIN failed: the server dropped the connection before the driver saw it close,
+            # or BEGIN was cut off half-way (cancelled) and the driver's state is unknown.
+            # Either way it must not go back to the pool, where the next request would fail
+            # on it too.
+            await pooled.invalidate()
+            await pooled.close()
+            if isinstance(exc, Exception):
+                raise ConnectionUnusable(f"could not start a transaction: {describe(exc)}") from exc
             raise
         return self
 
@@ -68,6 +87,8 @@ class DriverUnitOfWork:
                     # pool: the connection is discarded instead of handed to the next request.
                     await pooled.invalidate()
                 await pooled.close()
+        if isinstance(exc, asyncpg.InternalClientError):
+            raise ConnectionUnusable(f"the connection broke: {describe(exc)}") from exc
 
     async def commit(self) -> None:
         await self._transaction.commit()

@@ -4,9 +4,12 @@ testcontainers when a Docker engine is reachable, else the embedded servers `mak
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 HOW_TO = (
@@ -68,3 +71,96 @@ def redis_server(stack: ExitStack) -> Iterator[str]:
     stack.callback(process.wait)
     stack.callback(process.terminate)
     yield url
+
+
+@dataclass
+class OwnPostgres:
+    """A PostgreSQL server of a test's own, on 127.0.0.1 over TCP, which the test may stop,
+    start and restart (same port, same data directory). Built from the binaries pgserver ships,
+    so it needs nothing but the 'embedded' extra. Never the shared server a test session uses."""
+
+    data_dir: Path
+    port: int
+    system_user: str | None = None  # PostgreSQL refuses to run as root: then it runs as this user
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def init(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            self._prepare_system_user()
+        self._run("initdb", "-D", str(self.data_dir), "--auth=trust", "-U", "postgres", "--encoding=utf8")
+
+    def _prepare_system_user(self) -> None:
+        """As pgserver does when run as root: a system user that may run the binaries and owns the data."""
+        import stat
+
+        from pgserver._commands import POSTGRES_BIN_PATH
+        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        self.system_user = "pgserver"
+        entry = ensure_user_exists(self.system_user)
+        assert entry is not None
+        readable = stat.S_IRGRP | stat.S_IROTH
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
+        ensure_prefix_permissions(self.data_dir)
+        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k '' -c fsync=off -c max_connections=200"
+        self._pg_ctl("start", "-o", options, "-l", str(self.data_dir / "server.log"))
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg_ctl("stop", "-m", mode)
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop (fast mode: every session gets FATAL and its socket closed) and start again,
+        with the options it was started with."""
+        self._pg_ctl("restart", "-m", mode, "-l", str(self.data_dir / "server.log"))
+
+    def is_running(self) -> bool:
+        return (self.data_dir / "postmaster.pid").exists()
+
+    def log(self) -> str:
+        path = self.data_dir / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "30", *args)
+
+    def _run(self, binary: str, *args: str) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        # Output to a file, not a pipe: the server pg_ctl starts inherits it, and a pipe would
+        # stay open (and this call wait) for as long as the server runs.
+        with (self.data_dir.parent / "commands.log").open("ab") as log:
+            subprocess.run(
+                [str(POSTGRES_BIN_PATH / binary), *args],
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+                user=self.system_user,
+                cwd=self.data_dir.parent,
+            )
+
+
+@contextmanager
+def own_postgres() -> Iterator[OwnPostgres]:
+    """Start an OwnPostgres in a fresh temporary directory; always stop it and remove its data."""
+    from devservers.embedded import free_port
+
+    server = OwnPostgres(Path(tempfile.mkdtemp(prefix="own-pg-")) / "data", free_port())
+    server.init()
+    server.start()
+    try:
+        yield server
+    finally:
+        with suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            if server.is_running():
+                server.stop("immediate")
+        shutil.rmtree(server.data_dir.parent, ignore_errors=True)

@@ -99,12 +99,14 @@ async def test_ready_is_503_when_the_database_is_unreachable(settings: Settings)
             assert (await client.get("/health/live")).status_code == 200
             ready = await client.get("/health/ready")
             assert ready.status_code == 503
-            assert "database unreachable" in ready.json()["error"]["message"]
+            assert ready.json()["error"] == {"code": "not_ready", "message": "database unavailable"}
+            assert ready.headers["Retry-After"] == "1"
             transfer = await client.post(
                 "/api/v1/transactions/transfer",
                 json={"from_account_id": str(uuid.uuid4()), "to_account_id": str(uuid.uuid4()), "amount": "1.00"},
             )
             assert transfer.status_code == 503
+            assert transfer.headers["Retry-After"] == "1"
 
 
 async def test_concurrent_transfers_both_ways_never_deadlock_and_balance(
