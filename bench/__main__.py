@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import api_cost, capacity, relay_scenarios
+from bench import api_cost, capacity, relay_scenarios, worker_cost
 from bench.environment import ROOT, bench_redis_url, fresh_database
 from bench.report import chart, print_table, targets
 from bench.stats import Figure
@@ -33,6 +33,7 @@ class Plan:
     capacity_rates: list[int]
     capacity_seconds: float
     capacity_configurations: list[tuple[capacity.Delays, int, bool]]
+    worker_cost_tasks: int
 
 
 _EVERY_PIPELINE = [
@@ -56,9 +57,12 @@ FULL = Plan(
     [25, 50, 100, 150, 200, 300, 400],
     15.0,
     _EVERY_PIPELINE,
+    4000,
 )
-QUICK = Plan([16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30, [50, 150], 5.0, [(capacity.ZERO, 1, False)])
-SCENARIOS = ("api", "throughput", "latency", "memory", "worker", "capacity")
+QUICK = Plan(
+    [16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30, [50, 150], 5.0, [(capacity.ZERO, 1, False)], 1000
+)
+SCENARIOS = ("api", "throughput", "latency", "memory", "worker", "worker-cost", "capacity")
 
 
 def main() -> None:
@@ -110,6 +114,10 @@ def main() -> None:
         if "worker" in args.only:
             figures += relay_scenarios.worker_capacity(
                 database_url, redis_url, workdir, transfers=plan.capacity_transfers, repeats=plan.repeats
+            )
+        if "worker-cost" in args.only:
+            figures += worker_cost.measure(
+                database_url, redis_url, workdir, tasks=plan.worker_cost_tasks, repeats=plan.repeats
             )
         if "capacity" in args.only:
             figures += capacity.measure(

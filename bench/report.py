@@ -50,6 +50,11 @@ def targets(figures: list[Figure], memory_backlogs: tuple[int, int]) -> list[Tar
         ">= 50",
         r >= 50,
     )
+    cost = ratio(
+        _median(figures, "the two tasks, zero delays, CPU per task"),
+        _median(figures, "no-op task, same Celery config, CPU per task"),
+    )
+    check("worker CPU per task: the two tasks / no-op", cost, "<= 1.3", cost <= 1.3)
     small, large = memory_backlogs
     memory = ratio(_median(figures, f"peak RSS, {large:,} backlog"), _median(figures, f"peak RSS, {small:,} backlog"))
     check(f"relay peak RSS {large:,} / {small:,} backlog", memory, "<= 1.2", memory <= 1.2)
