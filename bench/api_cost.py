@@ -66,6 +66,11 @@ def load(port: int, bodies: Path, connections: int, duration: float, timeout: fl
     return result
 
 
+def _metrics_port() -> dict[str, str]:
+    """Each API process measures itself as in production, on a /metrics port of its own."""
+    return {"API_METRICS_PORT": str(free_port())}
+
+
 def _uvicorn(port: int) -> list[str]:
     return python(
         "-m",
@@ -94,7 +99,8 @@ def measure(
         ports = {}
         for variant in VARIANTS:
             ports[variant] = free_port()
-            env = service_env(database_url, redis_url, BENCH_VARIANT=variant, DB_POOL_SIZE="24", DB_MAX_OVERFLOW="0")
+            sizes = {"DB_POOL_SIZE": "24", "DB_MAX_OVERFLOW": "0"}
+            env = service_env(database_url, redis_url, BENCH_VARIANT=variant, **sizes, **_metrics_port())
             stack.enter_context(
                 process(_uvicorn(ports[variant]), env, port=ports[variant], log=workdir / f"api-{variant}.log")
             )
@@ -120,7 +126,7 @@ def measure_broker_down(database_url: str, workdir: Path, *, duration: float) ->
     figures = []
     for variant in ("outbox", "naive"):
         port = free_port()
-        env = service_env(database_url, dead_broker, BENCH_VARIANT=variant, DB_POOL_SIZE="32")
+        env = service_env(database_url, dead_broker, BENCH_VARIANT=variant, DB_POOL_SIZE="32", **_metrics_port())
         with process(_uvicorn(port), env, port=port, log=workdir / f"api-{variant}-broker-down.log"):
             result = load(port, bodies, 16, duration, timeout=5.0)
         figures.append(

@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _POSTGRES_SCHEMES = {"postgresql", "postgresql+asyncpg", "postgres", "postgresql+psycopg"}
@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     relay_reconcile_interval: float = Field(30.0, gt=0)
     relay_max_republishes: int = Field(5, ge=0)
 
+    # Metrics: the port each process serves Prometheus's /metrics on (0: no metrics at all)
+    api_metrics_port: int = Field(9100, ge=0, le=65535)
+    relay_metrics_port: int = Field(9101, ge=0, le=65535)
+    worker_metrics_port: int = Field(9102, ge=0, le=65535)
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -104,6 +109,12 @@ class Settings(BaseSettings):
         if value is not None and _scheme_of(value) not in _BACKEND_SCHEMES:
             raise ValueError(f"CELERY_RESULT_BACKEND has unknown scheme {_scheme_of(value)!r}")
         return value
+
+    @model_validator(mode="after")
+    def _metrics_port_is_not_the_api_port(self) -> Settings:
+        if self.api_metrics_port and self.api_metrics_port == self.api_port:
+            raise ValueError(f"API_METRICS_PORT must differ from API_PORT ({self.api_port}); 0 turns metrics off")
+        return self
 
     @property
     def async_database_url(self) -> str:

@@ -20,6 +20,7 @@ from sqlalchemy.pool import NullPool
 from core.ledger import Ledger
 from core.outbox.notifier import CommitNotifier
 from core.settings import Settings
+from devservers.embedded import free_port
 from tests.servers import postgres_server, redis_server
 
 # pgserver logs from an atexit hook, after pytest has closed the streams it captured.
@@ -88,6 +89,8 @@ def settings(database_url: str, redis_url: str) -> Settings:
         email_send_delay=0,
         audit_write_delay=0,
         log_json=False,
+        # The in-process API serves its metrics, as in production, on a port of its own.
+        api_metrics_port=free_port(),
     )
 
 
@@ -102,6 +105,10 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         AUDIT_WRITE_DELAY=str(settings.audit_write_delay),
         LOG_JSON="false",
         PYTHONPATH=ROOT,
+        # Processes a test starts serve no metrics unless it asks for a port: they would collide on the defaults.
+        API_METRICS_PORT="0",
+        RELAY_METRICS_PORT="0",
+        WORKER_METRICS_PORT="0",
     )
     env.update(extra)
     return env

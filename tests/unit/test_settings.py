@@ -81,6 +81,8 @@ def test_explicit_urls_win_over_parts(host: str, port: int, db: str) -> None:
         ({"DATABASE_URL": "mysql://root@localhost/db"}, "DATABASE_URL"),
         ({"CELERY_BROKER_URL": "kafka://localhost"}, "CELERY_BROKER_URL"),
         ({"RELAY_BATCH_SIZE": "0"}, "relay_batch_size"),
+        ({"WORKER_METRICS_PORT": "70000"}, "worker_metrics_port"),
+        ({"API_PORT": "9000", "API_METRICS_PORT": "9000"}, "API_METRICS_PORT"),
     ],
 )
 def test_nonsense_is_refused_naming_the_variable(env: dict[str, str], variable: str) -> None:
