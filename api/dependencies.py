@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from api.metrics import ApiMetrics
 from core.ledger import Ledger
 from core.settings import Settings
 
@@ -17,6 +18,7 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     ledger: Ledger
+    metrics: ApiMetrics | None = None  # None when API_METRICS_PORT is 0
 
 
 async def get_state(request: Request) -> AppState:

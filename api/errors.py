@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.metrics import count_refused_transfer
 from core.errors import (
     AccountNotFound,
     DomainError,
@@ -47,9 +48,17 @@ def error_response(status: int, code: str, message: str, details: list[dict[str,
     return JSONResponse(status_code=status, content={"error": body}, headers=headers)
 
 
+def _answer(
+    request: Request, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+) -> JSONResponse:
+    """The error body, counted as a refused transfer when the request was one."""
+    count_refused_transfer(request, status, code)
+    return error_response(status, code, message, details)
+
+
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return error_response(STATUS_BY_ERROR.get(type(exc), 400), exc.code, exc.message)
+    return _answer(request, STATUS_BY_ERROR.get(type(exc), 400), exc.code, exc.message)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -59,7 +68,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         for error in exc.errors()
     ]
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-    return error_response(422, "validation_error", summary or "invalid request", details)
+    return _answer(request, 422, "validation_error", summary or "invalid request", details)
 
 
 async def _invalid_amount(request: Request, exc: Exception) -> JSONResponse:
@@ -67,22 +76,22 @@ async def _invalid_amount(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InvalidAmount)
     field = f"body.{exc.field}"
     details = [{"field": field, "message": exc.reason, "type": "value_error"}]
-    return error_response(422, "validation_error", f"{field}: {exc.reason}", details)
+    return _answer(request, 422, "validation_error", f"{field}: {exc.reason}", details)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(exc.status_code, "http_error", str(exc.detail))
+    return _answer(request, exc.status_code, "http_error", str(exc.detail))
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("database unavailable: %s", exc)
-    return error_response(503, "database_unavailable", "the database is unreachable; try again shortly")
+    return _answer(request, 503, "database_unavailable", "the database is unreachable; try again shortly")
 
 
 async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("no database connection free in time: %s", exc)
-    return error_response(503, "database_busy", "the database is busy; try again shortly")
+    return _answer(request, 503, "database_busy", "the database is busy; try again shortly")
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
@@ -95,7 +104,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal error")
+    return _answer(request, 500, "internal_error", "internal error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,10 +10,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.dependencies import AppState
 from api.errors import install_error_handlers
+from api.metrics import instrument
 from api.routes import health, router
 from core.database import create_engine
 from core.ledger import Ledger
 from core.logging import configure_logging
+from core.metrics import start_metrics_server
 from core.outbox.notifier import CommitNotifier
 from core.settings import Settings, get_settings
 
@@ -29,14 +31,14 @@ def _ledger(engine: AsyncEngine, settings: Settings) -> Ledger:
 
 
 def create_app(settings: Settings | None = None, ledger: LedgerFactory = _ledger) -> FastAPI:
-    """Build the app; the database engine is created in the lifespan, not here.
+    """Build the app; the database engine and the metrics server start in the lifespan, not here.
 
     `ledger` builds the use cases (the benchmark swaps in its baselines).
     """
+    resolved = settings or get_settings()  # the middleware depends on it, so it is read here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        resolved = settings or get_settings()
         configure_logging(resolved, "api")
         # No pre-ping: it cost three round trips per request. The pool still never hands out a
         # connection the driver knows the server closed (core.database), and one that fails
@@ -46,11 +48,17 @@ def create_app(settings: Settings | None = None, ledger: LedgerFactory = _ledger
             pool_pre_ping=False,
             connect_args={"server_settings": {"application_name": API_APPLICATION_NAME}},
         )
-        app.state.services = AppState(resolved, engine, ledger(engine, resolved))
+        app.state.services = AppState(resolved, engine, ledger(engine, resolved), metrics)
+        metrics_server = None
+        if metrics is not None:
+            port = resolved.api_metrics_port
+            metrics_server = start_metrics_server(metrics.registry, port, variable="API_METRICS_PORT")
         try:
             yield
         finally:
             await engine.dispose()
+            if metrics_server:
+                metrics_server.close()
 
     app = FastAPI(
         title="Outbox transfers",
@@ -61,6 +69,9 @@ def create_app(settings: Settings | None = None, ledger: LedgerFactory = _ledger
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(health)
+    # API_METRICS_PORT=0: no middleware, no counters (error handlers find app.state.metrics None).
+    metrics = instrument(app) if resolved.api_metrics_port else None
+    app.state.metrics = metrics
     return app
 
 

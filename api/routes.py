@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from api.dependencies import State
 from api.errors import error_response
+from api.metrics import TRANSFER_ROUTE
 from api.schemas import (
     AccountCreate,
     AccountOut,
@@ -44,7 +45,12 @@ async def read_account(account_id: UUID, state: State) -> AccountOut:
 
 
 @router.post(
-    "/transactions/transfer", status_code=201, response_model=TransactionOut, responses=_ERRORS, tags=["transactions"]
+    "/transactions/transfer",
+    name=TRANSFER_ROUTE,
+    status_code=201,
+    response_model=TransactionOut,
+    responses=_ERRORS,
+    tags=["transactions"],
 )
 async def transfer(
     body: TransferCreate,
@@ -54,6 +60,8 @@ async def transfer(
 ) -> TransactionOut:
     request = TransferRequest(body.from_account_id, body.to_account_id, body.amount, idempotency_key)
     result = await state.ledger.transfer(request)
+    if state.metrics is not None:
+        state.metrics.transfer_answered(created=result.created)
     if not result.created:
         response.status_code = 200
     return TransactionOut.model_validate(result.transaction)
