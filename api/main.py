@@ -6,18 +6,21 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.dependencies import AppState
 from api.errors import install_error_handlers
 from api.metrics import instrument
 from api.routes import health, router
+from api.tracing import TracedFastAPI
 from core.database import create_engine
 from core.ledger import Ledger
 from core.logging import configure_logging
 from core.metrics import start_metrics_server
 from core.outbox.notifier import CommitNotifier
 from core.settings import Settings, get_settings
+from core.telemetry import API_SERVICE, configure_tracing, flush_tracing
 
 LedgerFactory = Callable[[AsyncEngine, Settings], Ledger]
 
@@ -30,16 +33,23 @@ def _ledger(engine: AsyncEngine, settings: Settings) -> Ledger:
     return Ledger(engine, notifier, max_transfer_amount=settings.max_transfer_amount)
 
 
-def create_app(settings: Settings | None = None, ledger: LedgerFactory = _ledger) -> FastAPI:
-    """Build the app; the database engine and the metrics server start in the lifespan, not here.
+def create_app(
+    settings: Settings | None = None,
+    ledger: LedgerFactory = _ledger,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """Build the app; the database engine, the metrics server and tracing start in the lifespan, not here.
 
     `ledger` builds the use cases (the benchmark swaps in its baselines).
+    `tracer_provider` None: the process's own, from the OTEL_* variables (tests pass theirs).
     """
     resolved = settings or get_settings()  # the middleware depends on it, so it is read here
+    tracer = tracer_provider.get_tracer("api") if tracer_provider is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(resolved, "api")
+        provider = tracer_provider or configure_tracing(API_SERVICE)
         # No pre-ping: it cost three round trips per request. The pool still never hands out a
         # connection the driver knows the server closed (core.database), and one that fails
         # its BEGIN fails that one request with 503 and is discarded (DriverUnitOfWork).
@@ -59,8 +69,10 @@ def create_app(settings: Settings | None = None, ledger: LedgerFactory = _ledger
             await engine.dispose()
             if metrics_server:
                 metrics_server.close()
+            flush_tracing(provider)
 
-    app = FastAPI(
+    app = TracedFastAPI(
+        tracer=tracer,
         title="Outbox transfers",
         description="Money transfers whose side effects are published through a transactional outbox.",
         version="0.1.0",

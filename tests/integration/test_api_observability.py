@@ -1,7 +1,9 @@
-"""The API measures itself on its own /metrics port: the scrape shows what the requests did."""
+"""The API measures itself on its own /metrics port and traces every request, continuing the
+caller's trace: the scrape shows what the requests did, the spans join the caller's trace."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -10,16 +12,36 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
 from core.settings import Settings
+from core.telemetry import TraceContextFilter, current_trace_id, current_traceparent
 from devservers.embedded import free_port
 
 TRANSFER = "/api/v1/transactions/transfer"
+PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer_provider(spans: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    return provider
 
 
 @asynccontextmanager
@@ -154,3 +176,97 @@ async def test_a_taken_metrics_port_stops_start_up_naming_the_variable(settings:
     with pytest.raises(RuntimeError, match=f"API_METRICS_PORT={taken_port}"):
         async with app.router.lifespan_context(app):
             pass
+
+
+# --- Traces ---
+
+
+def _traced_app(settings: Settings, provider: TracerProvider) -> FastAPI:
+    """The real app plus two probes: one answers what tracing sees inside a route, one fails."""
+    app = create_app(settings, tracer_provider=provider)
+
+    @app.get("/test/trace")
+    async def seen() -> dict[str, str | None]:
+        return {"traceparent": current_traceparent(), "trace_id": current_trace_id()}
+
+    @app.get("/test/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    return app
+
+
+def _server_span(spans: InMemorySpanExporter) -> ReadableSpan:
+    [span] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    return span
+
+
+async def test_a_request_with_a_traceparent_continues_that_trace(
+    settings: Settings, engine: AsyncEngine, tracer_provider: TracerProvider, spans: InMemorySpanExporter
+) -> None:
+    async with serving(_traced_app(settings, tracer_provider)) as http:
+        seen = (await http.get("/test/trace", headers={"traceparent": TRACEPARENT, "tracestate": "v=1"})).json()
+        source, target = await _account(http), await _account(http, "0.00")
+        spans.clear()
+        body = {"from_account_id": source, "to_account_id": target, "amount": "1.00"}
+        assert (await http.post(TRANSFER, json=body, headers={"traceparent": TRACEPARENT})).status_code == 201
+
+    span = _server_span(spans)
+    assert span.context is not None
+    assert span.parent is not None
+    assert format_trace_id(span.context.trace_id) == PARENT_TRACE
+    assert format_span_id(span.parent.span_id) == PARENT_SPAN
+    assert span.parent.is_remote
+    assert span.name == f"POST {TRANSFER}"
+    assert span.attributes is not None
+    assert span.attributes["http.route"] == TRANSFER
+    assert span.attributes["http.response.status_code"] == 201
+    assert span.attributes["http.request.method"] == "POST"
+
+    assert seen["trace_id"] == PARENT_TRACE
+    version, trace_id, span_id, flags = seen["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", PARENT_TRACE, "01")
+    assert span_id != PARENT_SPAN  # the server span's own id: the route runs inside it
+
+
+async def test_a_request_without_a_traceparent_starts_a_new_trace(
+    settings: Settings, engine: AsyncEngine, tracer_provider: TracerProvider, spans: InMemorySpanExporter
+) -> None:
+    async with serving(_traced_app(settings, tracer_provider)) as http:
+        first = (await http.get("/test/trace")).json()
+        second = (await http.get("/test/trace")).json()
+    servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [s.parent for s in servers] == [None, None]
+    trace_ids = [format_trace_id(s.context.trace_id) for s in servers if s.context is not None]
+    assert trace_ids == [first["trace_id"], second["trace_id"]]
+    assert first["trace_id"] != second["trace_id"]
+    assert first["traceparent"].startswith(f"00-{first['trace_id']}-")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_an_unexpected_error_is_logged_inside_the_request_trace(
+    settings: Settings, engine: AsyncEngine, tracer_provider: TracerProvider, spans: InMemorySpanExporter
+) -> None:
+    handler = _Records()
+    handler.addFilter(TraceContextFilter())
+    errors = logging.getLogger("api.errors")
+    errors.addHandler(handler)
+    try:
+        async with serving(_traced_app(settings, tracer_provider)) as http:
+            response = await http.get("/test/boom", headers={"traceparent": TRACEPARENT})
+    finally:
+        errors.removeHandler(handler)
+    assert response.status_code == 500
+    [record] = [r for r in handler.records if r.getMessage().startswith("unhandled error")]
+    assert getattr(record, "trace_id", None) == PARENT_TRACE
+    span = _server_span(spans)
+    assert span.status.status_code == StatusCode.ERROR
+    assert [event.name for event in span.events] == ["exception"]
