@@ -14,7 +14,14 @@ import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +30,12 @@ METRICS_HOST = "0.0.0.0"  # noqa: S104 - metrics carry no secrets, and the scrap
 
 
 def new_registry() -> CollectorRegistry:
-    """An empty registry with the process, platform and garbage-collector metrics already on it."""
+    """An empty registry with the process, platform and garbage-collector metrics already on it.
+
+    It also turns off, for the whole process, the `*_created` series prometheus-client adds beside every
+    counter and histogram: Prometheus does not use them, and `transfers_created` would read like an outcome.
+    """
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
