@@ -24,6 +24,10 @@ from core.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = ("migrate", "api", "relay", "celery_worker", "flower")
 LONG_RUNNING = ("api", "relay", "celery_worker")
+MONITORING = ("prometheus", "grafana")
+# Each long-running service, the setting of its metrics port, and the Prometheus job that scrapes it.
+METRICS = {"api": ("API_METRICS_PORT", "api"), "relay": ("RELAY_METRICS_PORT", "relay")}
+METRICS["celery_worker"] = ("WORKER_METRICS_PORT", "worker")
 WORKER_COMMAND = ["celery", "-A", "worker.celery_app", "worker", "--loglevel=info"]
 
 
@@ -39,7 +43,7 @@ def _healthy(*names: str) -> dict[str, dict[str, str]]:
 
 
 def test_every_service_is_there(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"postgres", "redis", *APP_SERVICES}
+    assert set(services) == {"postgres", "redis", *APP_SERVICES, *MONITORING}
 
 
 def test_postgres_has_a_health_check_and_a_volume(services: dict[str, dict[str, Any]]) -> None:
@@ -58,7 +62,7 @@ def test_redis_is_durable_and_has_a_health_check(services: dict[str, dict[str, A
 
 def test_volumes_are_named_so_data_survives_a_recreate() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    assert {"postgres-data", "redis-data"} <= set(compose["volumes"])
+    assert {"postgres-data", "redis-data", "prometheus-data"} <= set(compose["volumes"])
 
 
 def test_migrate_runs_once_after_postgres_is_healthy(services: dict[str, dict[str, Any]]) -> None:
@@ -106,6 +110,67 @@ def test_flower_is_optional(services: dict[str, dict[str, Any]]) -> None:
     assert flower["command"][:4] == ["celery", "-A", "worker.celery_app", "flower"]
     assert any(port.endswith(":5555") for port in flower["ports"])
     assert "profiles" not in services["celery_worker"]
+
+
+def _default(value: str, variable: str) -> int:
+    """The default of a `${VARIABLE:-default}` interpolation."""
+    match = re.fullmatch(rf"\$\{{{variable}:-(\d+)\}}", value)
+    assert match, f"{value!r} is not ${{{variable}:-<port>}}"
+    return int(match.group(1))
+
+
+def test_each_process_exposes_its_metrics_port_where_prometheus_scrapes(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
+    jobs = {
+        job["job_name"]: job["dns_sd_configs"][0] for job in prometheus["scrape_configs"] if "dns_sd_configs" in job
+    }
+    for name, (variable, job) in METRICS.items():
+        service = services[name]
+        port = _default(service["environment"][variable], variable)
+        assert [_default(exposed, variable) for exposed in service["expose"]] == [port], name
+        assert port == Settings.model_fields[variable.lower()].default, f"{name}: compose and Settings disagree"
+        assert (jobs[job]["names"], jobs[job]["port"]) == ([name], port), f"prometheus job {job}"
+        assert not any(str(port) in published for published in service.get("ports", [])), "scaling would collide"
+
+
+def test_prometheus_and_grafana_are_optional_and_provisioned_from_the_repository(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in MONITORING:
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert service["restart"] == "unless-stopped", name
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).is_dir(), f"{name} mounts {source}, which does not exist"
+                assert volume.endswith(":ro"), f"{name} must not write into the repository"
+    assert "/etc/prometheus/prometheus.yml" in " ".join(services["prometheus"]["command"])
+    assert any(port.endswith(":9090") for port in services["prometheus"]["ports"])
+    assert any(port.endswith(":3000") for port in services["grafana"]["ports"])
+
+
+def _grafana_guard(services: dict[str, dict[str, Any]]) -> str:
+    """The grafana entrypoint's shell script as the container runs it (Compose turns $$ into $)."""
+    entrypoint = services["grafana"]["entrypoint"]
+    assert entrypoint[:2] == ["/bin/sh", "-c"]
+    script: str = entrypoint[2].replace("$$", "$")
+    assert script.endswith("exec /run.sh")
+    return script.replace("exec /run.sh", "echo started")
+
+
+def test_grafana_has_no_default_password_and_refuses_to_start_without_one(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GF_SECURITY_ADMIN_PASSWORD:-}"
+    script = _grafana_guard(services)
+    refused = subprocess.run(["sh", "-c", script], env={}, capture_output=True, text=True, check=False)
+    assert refused.returncode == 1
+    assert "set GF_SECURITY_ADMIN_PASSWORD" in refused.stderr
+    started = subprocess.run(
+        ["sh", "-c", script], env={"GF_SECURITY_ADMIN_PASSWORD": "s3cret"}, capture_output=True, text=True, check=False
+    )
+    assert (started.returncode, started.stdout.strip()) == (0, "started")
 
 
 def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
