@@ -24,5 +24,6 @@ COPY . .
 RUN pip install --no-deps ".[monitoring]" && rm -rf build *.egg-info
 
 USER app
-EXPOSE 8000 5555
+# The API, Flower, and the metrics ports of the API, the relay and the worker (API_METRICS_PORT...).
+EXPOSE 8000 5555 9100 9101 9102
 CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]
