@@ -91,6 +91,7 @@ def pipeline(
         BENCH_VARIANT="naive" if naive else "outbox",
         EMAIL_SEND_DELAY=str(delays.email),
         AUDIT_WRITE_DELAY=str(delays.audit),
+        API_METRICS_PORT=str(free_port()),  # measured as in production, on a port no other run holds
     )
     port = free_port()
     with ExitStack() as stack:
