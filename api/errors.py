@@ -5,44 +5,82 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.ratelimit import RateLimited
 from core.errors import (
     AccountNotFound,
+    BalanceLimitExceeded,
+    ClientNotFound,
     DomainError,
+    Forbidden,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAmount,
     InvalidTransfer,
     TransactionNotFound,
+    Unauthenticated,
 )
 from core.transient import CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
 
+# Seconds a client should wait before retrying a 503.
+RETRY_AFTER_SECONDS = 1
+
 STATUS_BY_ERROR: dict[type[DomainError], int] = {
+    Unauthenticated: 401,
+    Forbidden: 403,
     AccountNotFound: 404,
     TransactionNotFound: 404,
+    ClientNotFound: 404,
     InsufficientFunds: 409,
     IdempotencyConflict: 409,
+    BalanceLimitExceeded: 409,
     InvalidTransfer: 422,
 }
 
+# The database is there but cannot serve this statement now: no pooled connection free in time,
+# statement_timeout, lock_timeout. Worth a retry shortly, so 503, not 500.
+BUSY_ERRORS: tuple[type[Exception], ...] = (
+    PoolTimeout,
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.DeadlockDetectedError,
+)
 
-def error_response(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        body["details"] = details
-    return JSONResponse(status_code=status, content={"error": body})
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one error body: code, message and details (a list, empty when there are none).
+    Every 503 says when to try again (`Retry-After`)."""
+    body: dict[str, Any] = {"code": code, "message": message, "details": details or []}
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS), **(headers or {})}
+    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return error_response(STATUS_BY_ERROR.get(type(exc), 400), exc.code, exc.message)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    return error_response(STATUS_BY_ERROR.get(type(exc), 400), exc.code, exc.message, headers=headers)
+
+
+async def _rate_limited(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RateLimited)
+    headers = {"Retry-After": str(exc.retry_after)}
+    return error_response(429, "rate_limited", str(exc), headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -65,12 +103,18 @@ async def _invalid_amount(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(exc.status_code, "http_error", str(exc.detail))
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, "http_error", str(exc.detail), headers=headers)
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("database unavailable: %s", exc)
     return error_response(503, "database_unavailable", "the database is unreachable; try again shortly")
+
+
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database busy: %s: %s", type(exc).__name__, exc)
+    return error_response(503, "database_busy", "the database is busy; try again shortly")
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
@@ -91,9 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InvalidAmount, _invalid_amount)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RateLimited, _rate_limited)
     # The use cases run on asyncpg directly: its connection errors mean the same thing.
     unavailable: tuple[type[Exception], ...] = (OperationalError, InterfaceError, *CONNECTION_ERRORS)
     for error in unavailable:
         app.add_exception_handler(error, _database_unavailable)
+    for error in BUSY_ERRORS:
+        app.add_exception_handler(error, _database_busy)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
+from core.clients import Principal
 from core.contract import TASK_NAMES, transfer_messages
 from core.ledger import Ledger, TransferRequest, TransferResult
 from core.settings import Settings
@@ -38,8 +39,8 @@ class NaiveLedger(Ledger):
 
         self._tasks = {name: celery.task(name=name)(declared) for name in TASK_NAMES}
 
-    async def transfer(self, request: TransferRequest) -> TransferResult:
-        result = await super().transfer(request)
+    async def transfer(self, request: TransferRequest, caller: Principal) -> TransferResult:
+        result = await super().transfer(request, caller)
         if result.facts is not None:
             for message in transfer_messages(result.facts):
                 self._tasks[message.task_name].delay(**message.kwargs)  # blocking, as the naive design does
