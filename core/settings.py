@@ -156,6 +156,14 @@ class Settings(BaseSettings):
             raise ValueError(f"MAX_TRANSFER_AMOUNT must be above 0 and at most {money.LARGEST_BALANCE}")
         return maximum
 
+    @field_validator("idempotency_key_retention", mode="before")
+    @classmethod
+    def _seconds_or_iso(cls, value: object) -> object:
+        # A plain number is seconds ("86400"); anything else goes to pydantic (ISO 8601: "P1D").
+        if isinstance(value, str) and value.replace(".", "", 1).isdigit():
+            return float(value)
+        return value
+
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit_notation(cls, value: str) -> str:
