@@ -1,4 +1,8 @@
-"""HTTP routes. They validate, call one use case, and shape the answer; they never commit."""
+"""HTTP routes. They check the caller's role, call one use case, and shape the answer; they never commit.
+
+Every /api/v1 route needs `Authorization: Bearer <key>`. What a client may see and move is
+decided by the ledger (ownership); which role may call a route is decided here (403).
+"""
 
 from __future__ import annotations
 
@@ -7,41 +11,89 @@ import logging
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.dependencies import State
+from api.dependencies import AccountHolder, Caller, Operator, State
 from api.errors import error_response
 from api.metrics import TRANSFER_ROUTE
 from api.schemas import (
     AccountCreate,
     AccountOut,
+    ClientCreate,
+    ClientCreated,
+    ClientOut,
+    DepositCreate,
     ErrorOut,
     MessageOut,
     TransactionDetail,
     TransactionOut,
     TransferCreate,
 )
-from core.ledger import TransferRequest
+from core.ledger import DepositRequest, TransferRequest
+from core.outbox.queries import MessageView
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1")
 health = APIRouter(prefix="/health", tags=["health"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for status in (404, 409, 422, 503)}
+# Visible ASCII: what an HTTP header carries safely, and what the database stores as given.
+IDEMPOTENCY_KEY = {"min_length": 1, "max_length": 255, "pattern": r"^[\x21-\x7e]+$"}
 
 
-@router.post("/accounts", status_code=201, response_model=AccountOut, responses=_ERRORS, tags=["accounts"])
-async def create_account(body: AccountCreate, state: State) -> AccountOut:
-    account = await state.ledger.open_account(str(body.owner_email), body.currency, body.initial_balance)
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorOut} for status in (401, 413, 422, 429, 503, *statuses)}
+
+
+@router.post("/clients", status_code=201, response_model=ClientCreated, responses=_errors(403), tags=["clients"])
+async def create_client(body: ClientCreate, state: State, operator: Operator) -> ClientCreated:
+    """Create a client and its API key. The key is in this answer only."""
+    created = await state.clients.create(body.name)
+    return ClientCreated(id=created.client.id, name=created.client.name, api_key=created.api_key)
+
+
+@router.get("/clients", response_model=list[ClientOut], responses=_errors(403), tags=["clients"])
+async def list_clients(state: State, operator: Operator) -> list[ClientOut]:
+    return [ClientOut.model_validate(client) for client in await state.clients.list()]
+
+
+@router.delete("/clients/{client_id}", response_model=ClientOut, responses=_errors(403, 404), tags=["clients"])
+async def revoke_client(client_id: UUID, state: State, operator: Operator) -> ClientOut:
+    """Revoke the client's key: it stops working (in other API processes within AUTH_CACHE_SECONDS)."""
+    return ClientOut.model_validate(await state.clients.revoke(client_id))
+
+
+@router.post("/accounts", status_code=201, response_model=AccountOut, responses=_errors(403), tags=["accounts"])
+async def create_account(body: AccountCreate, state: State, owner: AccountHolder) -> AccountOut:
+    """Open an account for the calling client, at a balance of zero."""
+    account = await state.ledger.open_account(owner, str(body.owner_email), body.currency)
     return AccountOut.model_validate(account)
 
 
-@router.get("/accounts/{account_id}", response_model=AccountOut, responses=_ERRORS, tags=["accounts"])
-async def read_account(account_id: UUID, state: State) -> AccountOut:
-    return AccountOut.model_validate(await state.ledger.account(account_id))
+@router.get("/accounts/{account_id}", response_model=AccountOut, responses=_errors(404), tags=["accounts"])
+async def read_account(account_id: UUID, state: State, caller: Caller) -> AccountOut:
+    return AccountOut.model_validate(await state.ledger.account(account_id, caller))
+
+
+@router.post(
+    "/accounts/{account_id}/deposits",
+    status_code=201,
+    response_model=TransactionOut,
+    responses=_errors(403, 404, 409),
+    tags=["accounts"],
+)
+async def deposit(
+    account_id: UUID,
+    body: DepositCreate,
+    state: State,
+    operator: Operator,
+    idempotency_key: Annotated[str, Header(**IDEMPOTENCY_KEY)],
+) -> TransactionOut:
+    """Money enters only here. A repeat with the same Idempotency-Key returns the original deposit."""
+    result = await state.ledger.deposit(DepositRequest(account_id, body.amount, idempotency_key), operator)
+    return TransactionOut.model_validate(result.transaction)
 
 
 @router.post(
@@ -49,33 +101,41 @@ async def read_account(account_id: UUID, state: State) -> AccountOut:
     name=TRANSFER_ROUTE,
     status_code=201,
     response_model=TransactionOut,
-    responses=_ERRORS,
+    responses=_errors(403, 404, 409),
     tags=["transactions"],
 )
 async def transfer(
     body: TransferCreate,
     state: State,
-    response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    owner: AccountHolder,
+    idempotency_key: Annotated[str | None, Header(**IDEMPOTENCY_KEY)] = None,
 ) -> TransactionOut:
+    """Move money out of one of the caller's accounts. A repeat with the same Idempotency-Key returns
+    the original answer (201, same body)."""
     request = TransferRequest(body.from_account_id, body.to_account_id, body.amount, idempotency_key)
-    result = await state.ledger.transfer(request)
+    result = await state.ledger.transfer(request, owner)
     if state.metrics is not None:
         state.metrics.transfer_answered(created=result.created)
-    if not result.created:
-        response.status_code = 200
     return TransactionOut.model_validate(result.transaction)
 
 
 @router.get(
-    "/transactions/{transaction_id}", response_model=TransactionDetail, responses=_ERRORS, tags=["transactions"]
+    "/transactions/{transaction_id}",
+    response_model=TransactionDetail,
+    response_model_exclude_unset=True,
+    responses=_errors(404),
+    tags=["transactions"],
 )
-async def read_transaction(transaction_id: UUID, state: State) -> TransactionDetail:
-    view = await state.ledger.transaction(transaction_id)
-    return TransactionDetail(
-        **TransactionOut.model_validate(view.transaction).model_dump(),
-        messages=[MessageOut.model_validate(message) for message in view.messages],
-    )
+async def read_transaction(transaction_id: UUID, state: State, caller: Caller) -> TransactionDetail:
+    view = await state.ledger.transaction(transaction_id, caller)
+    messages = [_message(message, caller.is_operator) for message in view.messages]
+    return TransactionDetail(**TransactionOut.model_validate(view.transaction).model_dump(), messages=messages)
+
+
+def _message(view: MessageView, operator: bool) -> MessageOut:
+    # last_error names brokers and mail servers: the operator's to read, left out (unset) for clients.
+    shown = {name: getattr(view, name) for name in MessageOut.model_fields if operator or name != "last_error"}
+    return MessageOut(**shown)
 
 
 @health.get("/live")
@@ -92,5 +152,5 @@ async def ready(state: State) -> dict[str, str] | JSONResponse:
     except Exception as exc:
         # The cause goes to the log, not to whoever can reach the health endpoint.
         logger.warning("not ready: database unavailable: %s: %s", type(exc).__name__, exc)
-        return error_response(503, "not_ready", "database unavailable")
+        return error_response(503, "not_ready", "database unavailable", [{"component": "database"}])
     return {"status": "ok"}

@@ -1,4 +1,10 @@
-"""Scenario 1: what the outbox costs the API, against no side effect and in-request .delay()."""
+"""Scenario 1: what the outbox costs the API, against no side effect and in-request .delay(); and what
+authentication (key lookup, cached, and the per-client rate limit in Redis) costs it, against the very
+same transfer without authentication.
+
+Every variant but `noauth` gets the bench client's key; the load generator sends it to all of them
+(the same bytes on the wire), and RATE_LIMIT is set far above what the machine can reach, so the
+limiter is counted on every request but never refuses one."""
 
 from __future__ import annotations
 
@@ -7,42 +13,70 @@ import json
 import random
 import subprocess
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
 from bench.environment import free_port, process, python, service_env
 from bench.stats import Figure
+from core.clients import key_hash, new_api_key
 
-VARIANTS = ("plain", "outbox", "naive")
+VARIANTS = ("plain", "outbox", "naive", "noauth")
+# Counted on every request, never reached: the bench measures the limiter's cost, not its refusals.
+RATE_LIMIT = "100000000/second"
 
 
-async def _seed_accounts(database_url: str, count: int) -> list[str]:
+@dataclass(frozen=True)
+class Seeded:
+    client_id: str
+    api_key: str
+    accounts: list[str]
+
+
+async def _seed_accounts(database_url: str, count: int) -> Seeded:
+    """One client owning `count` accounts, each funded by a deposit (so the books balance)."""
+    api_key = new_api_key()
     connection = await asyncpg.connect(database_url)
     try:
-        rows = await connection.fetch(
-            "INSERT INTO accounts (id, owner_email, currency, balance) "
-            "SELECT gen_random_uuid(), 'user' || i || '@example.com', 'EUR', 1000000000 "
-            "FROM generate_series(1, $1) AS i RETURNING id",
-            count,
-        )
+        async with connection.transaction():
+            client_id = await connection.fetchval(
+                "INSERT INTO clients (id, name, key_hash) VALUES (gen_random_uuid(), 'bench', $1) RETURNING id",
+                key_hash(api_key),
+            )
+            rows = await connection.fetch(
+                "INSERT INTO accounts (id, client_id, owner_email, currency, balance) "
+                "SELECT gen_random_uuid(), $2, 'user' || i || '@example.com', 'EUR', 1000000000 "
+                "FROM generate_series(1, $1) AS i RETURNING id",
+                count,
+                client_id,
+            )
+            await connection.execute(
+                "INSERT INTO transactions (id, kind, from_account_id, to_account_id, amount, currency, status) "
+                "SELECT gen_random_uuid(), 'deposit', NULL, id, balance, currency, 'SUCCESS' FROM accounts "
+                "WHERE client_id = $1",
+                client_id,
+            )
     finally:
         await connection.close()
-    return [str(row["id"]) for row in rows]
+    return Seeded(str(client_id), api_key, [str(row["id"]) for row in rows])
 
 
-def write_bodies(database_url: str, path: Path, accounts: int = 2000, bodies: int = 5000) -> Path:
-    ids = asyncio.run(_seed_accounts(database_url, accounts))
+def write_bodies(database_url: str, path: Path, accounts: int = 2000, bodies: int = 5000) -> Seeded:
+    seeded = asyncio.run(_seed_accounts(database_url, accounts))
     rng = random.Random(1)
     with path.open("w") as handle:
         for _ in range(bodies):
-            source, target = rng.sample(ids, 2)
+            source, target = rng.sample(seeded.accounts, 2)
             handle.write(json.dumps({"from_account_id": source, "to_account_id": target, "amount": "1.00"}) + "\n")
-    return path
+    return seeded
 
 
-def load(port: int, bodies: Path, connections: int, duration: float, timeout: float = 10.0) -> dict[str, float]:
+def load(
+    port: int, bodies: Path, connections: int, duration: float, timeout: float = 10.0, api_key: str | None = None
+) -> dict[str, float]:
     """Run the load generator in its own process and return its figures."""
+    auth = ["--header", f"Authorization: Bearer {api_key}"] if api_key else []
     output = subprocess.run(
         python(
             "-m",
@@ -57,6 +91,7 @@ def load(port: int, bodies: Path, connections: int, duration: float, timeout: fl
             str(duration),
             "--timeout",
             str(timeout),
+            *auth,
         ),
         check=True,
         capture_output=True,
@@ -93,24 +128,33 @@ def _uvicorn(port: int) -> list[str]:
 def measure(
     database_url: str, redis_url: str, workdir: Path, *, connections: list[int], duration: float, repeats: int
 ) -> list[Figure]:
-    bodies = write_bodies(database_url, workdir / "bodies.jsonl")
+    bodies = workdir / "bodies.jsonl"
+    seeded = write_bodies(database_url, bodies)
     figures: dict[tuple[str, int, str], Figure] = {}
     with ExitStack() as stack:
         ports = {}
         for variant in VARIANTS:
             ports[variant] = free_port()
-            sizes = {"DB_POOL_SIZE": "24", "DB_MAX_OVERFLOW": "0"}
-            env = service_env(database_url, redis_url, BENCH_VARIANT=variant, **sizes, **_metrics_port())
+            env = service_env(
+                database_url,
+                redis_url,
+                BENCH_VARIANT=variant,
+                BENCH_CLIENT_ID=seeded.client_id,
+                DB_POOL_SIZE="24",
+                DB_MAX_OVERFLOW="0",
+                RATE_LIMIT=RATE_LIMIT,
+                **_metrics_port(),
+            )
             stack.enter_context(
                 process(_uvicorn(ports[variant]), env, port=ports[variant], log=workdir / f"api-{variant}.log")
             )
-        for variant in VARIANTS:
-            load(ports[variant], bodies, 8, min(duration, 1.0))  # warm-up: connections, plan caches
+        for variant in VARIANTS:  # warm-up: connections, plan caches, the key cache
+            load(ports[variant], bodies, 8, min(duration, 1.0), api_key=seeded.api_key)
         for _ in range(repeats):
             # Interleave the variants so drift on a shared machine hits them all alike.
             for clients in connections:
                 for variant in VARIANTS:
-                    result = load(ports[variant], bodies, clients, duration)
+                    result = load(ports[variant], bodies, clients, duration, api_key=seeded.api_key)
                     for metric, unit in (("rps", "req/s"), ("p50_ms", "ms"), ("p99_ms", "ms")):
                         key = (variant, clients, metric)
                         figure = figures.setdefault(key, Figure("api", f"{variant} c={clients} {metric}", unit))
@@ -122,13 +166,22 @@ def measure(
 def measure_broker_down(database_url: str, workdir: Path, *, duration: float) -> list[Figure]:
     """(a) and (c) with the broker unreachable: the outbox keeps serving, the naive design fails."""
     bodies = workdir / "bodies.jsonl"
+    seeded = write_bodies(database_url, bodies)
+    api_key = seeded.api_key
     dead_broker = f"redis://127.0.0.1:{free_port()}/0"
     figures = []
     for variant in ("outbox", "naive"):
         port = free_port()
-        env = service_env(database_url, dead_broker, BENCH_VARIANT=variant, DB_POOL_SIZE="32", **_metrics_port())
+        env = service_env(
+            database_url,
+            dead_broker,
+            BENCH_VARIANT=variant,
+            DB_POOL_SIZE="32",
+            RATE_LIMIT=RATE_LIMIT,
+            **_metrics_port(),
+        )
         with process(_uvicorn(port), env, port=port, log=workdir / f"api-{variant}-broker-down.log"):
-            result = load(port, bodies, 16, duration, timeout=5.0)
+            result = load(port, bodies, 16, duration, timeout=5.0, api_key=api_key)
         figures.append(
             Figure(
                 "api-broker-down",

@@ -25,7 +25,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from bench.api_cost import write_bodies
+from bench.api_cost import RATE_LIMIT, write_bodies
 from bench.backlog import on_database
 from bench.environment import free_port, process, python, service_env
 from bench.loadgen import percentile
@@ -92,6 +92,7 @@ def pipeline(
         EMAIL_SEND_DELAY=str(delays.email),
         AUDIT_WRITE_DELAY=str(delays.audit),
         API_METRICS_PORT=str(free_port()),  # measured as in production, on a port no other run holds
+        RATE_LIMIT=RATE_LIMIT,  # one bench client offers every transfer: counted, never refused
     )
     port = free_port()
     with ExitStack() as stack:
@@ -114,7 +115,7 @@ def pipeline(
         yield port, [psutil.Process(p.pid) for p in started]
 
 
-def _offer(port: int, bodies: Path, rate: int, seconds: float) -> list[dict[str, object]]:
+def _offer(port: int, bodies: Path, api_key: str, rate: int, seconds: float) -> list[dict[str, object]]:
     output = subprocess.run(
         python(
             "-m",
@@ -123,6 +124,8 @@ def _offer(port: int, bodies: Path, rate: int, seconds: float) -> list[dict[str,
             str(port),
             "--bodies",
             str(bodies),
+            "--header",
+            f"Authorization: Bearer {api_key}",
             "--rate",
             str(rate),
             "--duration",
@@ -192,6 +195,7 @@ def step(
     database_url: str,
     port: int,
     bodies: Path,
+    api_key: str,
     workers: list[psutil.Process],
     *,
     rate: int,
@@ -200,7 +204,7 @@ def step(
     naive: bool,
 ) -> Step:
     with _peak_rss(workers) as peak:
-        answers = _offer(port, bodies, rate, seconds)
+        answers = _offer(port, bodies, api_key, rate, seconds)
     ids = [uuid.UUID(str(a["id"])) for a in answers if a["status"] == 201 and a["id"]]
     lags_of = _naive_lags if naive else _outbox_lags
     deadline = time.monotonic() + SETTLE_S + max(delays.email, delays.audit)
@@ -231,14 +235,25 @@ def measure(
     configurations: list[tuple[Delays, int, bool]],
 ) -> list[Figure]:
     """One figure row per step and configuration, and the sustained capacity of each."""
-    bodies = write_bodies(database_url, workdir / "capacity-bodies.jsonl", bodies=20_000)
+    bodies = workdir / "capacity-bodies.jsonl"
+    seeded = write_bodies(database_url, bodies, bodies=20_000)
     figures: list[Figure] = []
     for delays, workers, naive in configurations:
         name = f"{'naive' if naive else 'outbox'}, {workers} worker{'s' * (workers > 1)}, {delays.label}"
         capacity = 0
         with pipeline(database_url, redis_url, workdir, workers=workers, delays=delays, naive=naive) as (port, procs):
             for rate in rates:
-                result = step(database_url, port, bodies, procs, rate=rate, seconds=seconds, delays=delays, naive=naive)
+                result = step(
+                    database_url,
+                    port,
+                    bodies,
+                    seeded.api_key,
+                    procs,
+                    rate=rate,
+                    seconds=seconds,
+                    delays=delays,
+                    naive=naive,
+                )
                 figures.append(
                     Figure(
                         "capacity",

@@ -22,8 +22,8 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
-def request_bytes(host: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+def request_bytes(host: str, path: str, body: bytes, headers: tuple[str, ...] = ()) -> bytes:
+    extra = "".join(f"{header}\r\n" for header in headers)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -57,6 +57,7 @@ async def _connection(
     request_timeout: float,
     latencies: list[float],
     statuses: Counter[str],
+    headers: tuple[str, ...] = (),
 ) -> None:
     rng = random.Random()
     reader: asyncio.StreamReader | None = None
@@ -68,7 +69,7 @@ async def _connection(
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), request_timeout)
             assert reader is not None
             assert writer is not None
-            writer.write(request_bytes(host, path, rng.choice(bodies)))
+            writer.write(request_bytes(host, path, rng.choice(bodies), headers))
             status, _ = await asyncio.wait_for(read_response(reader), request_timeout)
         except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
             statuses[type(exc).__name__] += 1
@@ -84,7 +85,14 @@ async def _connection(
 
 
 async def run(
-    host: str, port: int, path: str, bodies: list[bytes], connections: int, duration: float, request_timeout: float
+    host: str,
+    port: int,
+    path: str,
+    bodies: list[bytes],
+    connections: int,
+    duration: float,
+    request_timeout: float,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, object]:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
@@ -92,7 +100,7 @@ async def run(
     stop_at = started + duration
     await asyncio.gather(
         *(
-            _connection(host, port, path, bodies, stop_at, request_timeout, latencies, statuses)
+            _connection(host, port, path, bodies, stop_at, request_timeout, latencies, statuses, headers)
             for _ in range(connections)
         )
     )
@@ -122,10 +130,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--header", action="append", default=[], help="'Name: value' sent with every request")
     args = parser.parse_args()
     with open(args.bodies, "rb") as handle:
         bodies = [line.strip() for line in handle if line.strip()]
-    result = asyncio.run(run(args.host, args.port, args.path, bodies, args.connections, args.duration, args.timeout))
+    result = asyncio.run(
+        run(args.host, args.port, args.path, bodies, args.connections, args.duration, args.timeout, tuple(args.header))
+    )
     json.dump(result, sys.stdout)
 
 

@@ -27,6 +27,10 @@ def targets(figures: list[Figure], memory_backlogs: tuple[int, int]) -> list[Tar
         check(f"API c={clients}: outbox / naive .delay(), req/s", r := ratio(outbox, naive), ">= 3", r >= 3)
         p99 = ratio(_median(figures, f"outbox c={clients} p99_ms"), _median(figures, f"plain c={clients} p99_ms"))
         check(f"API c={clients}: outbox p99 / no side effect p99", p99, "<= 1.5", p99 <= 1.5)
+        noauth = _median(figures, f"noauth c={clients} rps")
+        check(
+            f"API c={clients}: authenticated / unauthenticated, req/s", r := ratio(outbox, noauth), ">= 0.9", r >= 0.9
+        )
     one = _median(figures, "relay x1 events/s")
     check(
         "relay x1 / send_task loop, events/s",

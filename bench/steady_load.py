@@ -50,7 +50,7 @@ async def run(
     port: int,
     path: str,
     bodies: list[bytes],
-    headers: dict[str, str],
+    headers: tuple[str, ...],
     rate: float,
     duration: float,
     connections: int,
@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.bodies, "rb") as handle:
         bodies = [line.strip() for line in handle if line.strip()]
-    headers = dict(h.split(": ", 1) for h in args.header)
+    headers = tuple(args.header)
     answers = asyncio.run(
         run(args.host, args.port, args.path, bodies, headers, args.rate, args.duration, args.connections, args.timeout)
     )

@@ -1,23 +1,30 @@
-"""The two baselines the outbox API is measured against, served by the very same app.
+"""The baselines the service is measured against, served by the very same app.
 
-`uvicorn bench.variants:app` serves the variant named by BENCH_VARIANT. All three run the
-real API (routes, validation, the transfer's SQL); only the transfer's side effects differ:
-- ``outbox``: the service itself (its two outbox rows, in the transfer's transaction).
+`uvicorn bench.variants:app` serves the variant named by BENCH_VARIANT. All run the real API
+(routes, validation, the transfer's SQL); only one thing differs each time:
+- ``outbox``: the service itself (authenticated, rate-limited, its two outbox rows in the
+  transfer's transaction).
 - ``plain``: the same transfer with no side effect at all.
 - ``naive``: the same transfer, then Celery ``.delay()`` for both tasks inside the request,
   right after commit: what the outbox replaces.
+- ``noauth``: the service without authentication: every request is taken to come from the
+  bench's client (BENCH_CLIENT_ID), with no key lookup and no rate limit. ``outbox`` against it
+  is what authentication costs.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 from celery import Celery
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from api.dependencies import authenticated
 from api.main import create_app
+from core.clients import Principal, Role
 from core.contract import TASK_NAMES, transfer_messages
 from core.ledger import Ledger, TransferRequest, TransferResult
 from core.settings import Settings
@@ -38,8 +45,8 @@ class NaiveLedger(Ledger):
 
         self._tasks = {name: celery.task(name=name)(declared) for name in TASK_NAMES}
 
-    async def transfer(self, request: TransferRequest) -> TransferResult:
-        result = await super().transfer(request)
+    async def transfer(self, request: TransferRequest, caller: Principal) -> TransferResult:
+        result = await super().transfer(request, caller)
         if result.facts is not None:
             for message in transfer_messages(result.facts):
                 self._tasks[message.task_name].delay(**message.kwargs)  # blocking, as the naive design does
@@ -50,14 +57,27 @@ def _plain(engine: AsyncEngine, settings: Settings) -> Ledger:
     return Ledger(engine, notifier=None, max_transfer_amount=settings.max_transfer_amount, side_effects=None)
 
 
+def _without_authentication() -> FastAPI:
+    app = create_app()
+    caller = Principal(Role.CLIENT, uuid.UUID(os.environ["BENCH_CLIENT_ID"]), "bench")
+
+    async def the_bench_client() -> Principal:
+        return caller
+
+    app.dependency_overrides[authenticated] = the_bench_client
+    return app
+
+
 def create_variant(variant: str) -> FastAPI:
     if variant == "outbox":
         return create_app()
+    if variant == "noauth":
+        return _without_authentication()
     if variant == "plain":
         return create_app(ledger=_plain)
     if variant == "naive":
         return create_app(ledger=NaiveLedger)
-    raise ValueError(f"BENCH_VARIANT must be outbox, plain or naive, not {variant!r}")
+    raise ValueError(f"BENCH_VARIANT must be outbox, plain, naive or noauth, not {variant!r}")
 
 
 app = create_variant(os.environ.get("BENCH_VARIANT", "outbox"))

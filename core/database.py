@@ -11,27 +11,39 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core.settings import Settings
 
-# Bounds on waiting for the database, so a request fails fast (503) when it is unreachable
-# instead of hanging: asyncpg waits 60 s to connect by default, SQLAlchemy 30 s for a pooled
-# connection. Overrides (the worker's engine_options) may set their own.
+# A bound on connecting, so a request fails fast (503) when the database is unreachable instead
+# of hanging (asyncpg waits 60 s by default). The wait for a pooled connection is DB_POOL_TIMEOUT.
 CONNECT_TIMEOUT = 2.0  # seconds to open a connection, TCP and start-up
-POOL_TIMEOUT = 2.0  # seconds to wait for a free pooled connection when all are in use
 
 
 def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     """An asyncpg engine for the configured database. `overrides` go to create_async_engine
-    (`connect_args` are merged into the defaults).
+    (`connect_args`, and their `server_settings`, are merged into the defaults).
 
     Its pool never hands out a connection that the driver already knows is closed (see
     `discard_closed_connection`), with or without pre-ping.
+
+    Every session it opens is READ COMMITTED, set explicitly rather than left to the server's
+    default: the transfer locks the rows it changes (FOR UPDATE, in id order) and reads nothing
+    else, so it needs no stronger level, and READ COMMITTED never fails a transfer with a
+    serialization error. A statement that runs past DB_STATEMENT_TIMEOUT, or waits for a lock
+    past DB_LOCK_TIMEOUT, is cancelled (the API answers 503), so one held account lock cannot
+    hang every request that touches it; a request that finds no pooled connection free within
+    DB_POOL_TIMEOUT fails the same way.
     """
-    connect_args = {"timeout": CONNECT_TIMEOUT, **overrides.pop("connect_args", {})}
+    extra = dict(overrides.pop("connect_args", {}))
+    server_settings = {
+        "default_transaction_isolation": "read committed",
+        "statement_timeout": str(int(settings.db_statement_timeout * 1000)),
+        "lock_timeout": str(int(settings.db_lock_timeout * 1000)),
+        **extra.pop("server_settings", {}),
+    }
     options: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
-        "pool_timeout": POOL_TIMEOUT,
+        "pool_timeout": settings.db_pool_timeout,
         "pool_pre_ping": True,
-        "connect_args": connect_args,
+        "connect_args": {"timeout": CONNECT_TIMEOUT, "server_settings": server_settings, **extra},
     }
     options.update(overrides)
     engine = create_async_engine(settings.async_database_url, **options)

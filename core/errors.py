@@ -26,7 +26,7 @@ class InsufficientFunds(DomainError):
 
 
 class InvalidTransfer(DomainError):
-    """The transfer can never succeed as asked (same account, currency mismatch, bad amount)."""
+    """The transfer can never succeed as asked (same account, currency mismatch)."""
 
     code = "invalid_transfer"
 
@@ -44,3 +44,25 @@ class InvalidAmount(DomainError):
 
 class IdempotencyConflict(DomainError):
     code = "idempotency_conflict"
+
+
+class Unauthenticated(DomainError):
+    """No key, or a key that is wrong or revoked. Deliberately says which of these it was not."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(DomainError):
+    """The caller's role may not do this (whatever the resource)."""
+
+    code = "forbidden"
+
+
+class ClientNotFound(DomainError):
+    code = "client_not_found"
+
+
+class BalanceLimitExceeded(DomainError):
+    """The deposit would take the balance past what an account can hold."""
+
+    code = "balance_limit_exceeded"

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    PrimaryKeyConstraint,
     String,
     Text,
     func,
@@ -45,6 +46,18 @@ def _now_column() -> Mapped[datetime]:
     return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
+class Client(Base):
+    """A holder of an API key. Only the key's SHA-256 is stored; a revoked client's key stops working."""
+
+    __tablename__ = "clients"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    created_at: Mapped[datetime] = _now_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Account(Base):
     __tablename__ = "accounts"
     __table_args__ = (
@@ -53,6 +66,8 @@ class Account(Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    # The client that opened it: the only one that may read it or move money out of it.
+    client_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("clients.id"), nullable=False)
     owner_email: Mapped[str] = mapped_column(String(320), nullable=False)
     currency: Mapped[str] = mapped_column(String(3), nullable=False)
     balance: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
@@ -60,15 +75,25 @@ class Account(Base):
 
 
 class Transaction(Base):
+    """Every movement of money: a transfer between two accounts, or a deposit into one.
+
+    Money enters only by deposits (from_account_id NULL), so the sum of all balances equals
+    the sum of all deposits, and each balance equals its deposits and transfers in, less its
+    transfers out.
+    """
+
     __tablename__ = "transactions"
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("from_account_id <> to_account_id", name="distinct_accounts"),
+        CheckConstraint("kind IN ('transfer', 'deposit')", name="kind_known"),
+        CheckConstraint("(kind = 'transfer') = (from_account_id IS NOT NULL)", name="source_matches_kind"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-    from_account_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("accounts.id"), nullable=False, index=True
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    from_account_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("accounts.id"), nullable=True, index=True
     )
     to_account_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("accounts.id"), nullable=False, index=True
@@ -76,9 +101,28 @@ class Transaction(Base):
     amount: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     currency: Mapped[str] = mapped_column(String(3), nullable=False)
     status: Mapped[str] = mapped_column(String(16), nullable=False)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
-    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now_column()
+
+
+class IdempotencyKey(Base):
+    """A caller's Idempotency-Key, claimed at the start of the request's transaction.
+
+    Scoped per caller: client_id is the client's id, or the nil UUID for the operator (so no
+    foreign key). A key past expires_at counts as unused and may be claimed again.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (PrimaryKeyConstraint("client_id", "key"),)
+
+    client_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    key: Mapped[str] = mapped_column(String(255), nullable=False)
+    request_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    # Deferred: the claim is written before the transaction row it will answer with.
+    transaction_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("transactions.id", deferrable=True, initially="DEFERRED"), nullable=False
+    )
+    created_at: Mapped[datetime] = _now_column()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
 
 
 class Outbox(Base):

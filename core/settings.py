@@ -2,45 +2,79 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from functools import lru_cache
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from limits import parse as parse_rate_limit
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core import money
 
 _POSTGRES_SCHEMES = {"postgresql", "postgresql+asyncpg", "postgres", "postgresql+psycopg"}
 _BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory"}
 _BACKEND_SCHEMES = {"redis", "rediss", "rpc", "cache+memory", "db+postgresql"}
+_RATE_LIMIT_SCHEMES = {"redis", "rediss", "memory"}
+MIN_ADMIN_KEY_LENGTH = 32
 
 
 def _scheme_of(url: str) -> str:
     return urlsplit(url).scheme
 
 
-class Settings(BaseSettings):
-    """Every knob of the service. Explicit URLs win over the parts they are built from."""
+def reveal(value: SecretStr | str | None) -> str | None:
+    """The plain text of a secret setting (model_copy(update=...) may have stored a plain str)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return value
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, populate_by_name=True)
+
+def _check_scheme(variable: str, value: SecretStr | None, allowed: set[str]) -> SecretStr | None:
+    # The message names the variable and the scheme only: the URL may carry a password.
+    plain = reveal(value)
+    if plain is not None and _scheme_of(plain) not in allowed:
+        raise ValueError(f"{variable} must use one of the schemes {sorted(allowed)}, got {_scheme_of(plain)!r}")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Explicit URLs win over the parts they are built from.
+
+    Passwords, keys and the URLs that may carry them are SecretStr: they show as '**********'
+    in the repr, and validation errors never echo an input value (hide_input_in_errors).
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+        hide_input_in_errors=True,
+    )
 
     # PostgreSQL
-    database_url: str | None = None
+    database_url: SecretStr | None = None
     postgres_host: str = "localhost"
     postgres_port: int = Field(5432, ge=1, le=65535)
     postgres_user: str = "postgres"
-    postgres_password: str = ""
+    postgres_password: SecretStr = SecretStr("")
     postgres_db: str = "postgres"
     db_pool_size: int = Field(20, ge=1)
     db_max_overflow: int = Field(10, ge=0)
+    db_pool_timeout: float = Field(2.0, gt=0)
+    db_statement_timeout: float = Field(5.0, gt=0)
+    db_lock_timeout: float = Field(2.0, gt=0)
 
     # Redis and Celery
     redis_host: str = "localhost"
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_db: int = Field(0, ge=0)
-    redis_password: str | None = None
-    celery_broker_url_override: str | None = Field(None, alias="CELERY_BROKER_URL")
-    celery_result_backend_override: str | None = Field(None, alias="CELERY_RESULT_BACKEND")
+    redis_password: SecretStr | None = None
+    celery_broker_url_override: SecretStr | None = Field(None, alias="CELERY_BROKER_URL")
+    celery_result_backend_override: SecretStr | None = Field(None, alias="CELERY_RESULT_BACKEND")
     celery_task_queue: str = "celery"
     celery_task_time_limit: int = Field(60, ge=1)
     celery_task_soft_time_limit: int = Field(50, ge=1)
@@ -58,14 +92,20 @@ class Settings(BaseSettings):
     smtp_port: int = Field(25, ge=1, le=65535)
     smtp_from: str = "transfers@example.com"
     smtp_user: str | None = None
-    smtp_password: str | None = None
+    smtp_password: SecretStr | None = None
     smtp_starttls: bool = False
     smtp_timeout: float = Field(10.0, gt=0)
 
     # API
     api_port: int = Field(8000, ge=1, le=65535)
-    max_transfer_amount: Decimal = Field(Decimal("1000000.00"), gt=0)
+    max_transfer_amount: Decimal = Decimal("1000000.00")
     outbox_notify_interval: float = Field(0.01, ge=0)
+    admin_api_key: SecretStr | None = None
+    auth_cache_seconds: float = Field(5.0, ge=0)
+    idempotency_key_retention: timedelta = Field(timedelta(hours=24), gt=timedelta(0))
+    rate_limit: str = "100/second"
+    rate_limit_storage_url: SecretStr | None = None
+    max_request_body_bytes: int = Field(65_536, ge=1_024)
 
     # Relay
     relay_batch_size: int = Field(500, ge=1, le=10_000)
@@ -91,23 +131,60 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _known_database_scheme(cls, value: str | None) -> str | None:
-        if value is not None and _scheme_of(value) not in _POSTGRES_SCHEMES:
-            raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got scheme {_scheme_of(value)!r}")
-        return value
+    def _known_database_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme("DATABASE_URL", value, _POSTGRES_SCHEMES)
 
     @field_validator("celery_broker_url_override")
     @classmethod
-    def _known_broker_scheme(cls, value: str | None) -> str | None:
-        if value is not None and _scheme_of(value) not in _BROKER_SCHEMES:
-            raise ValueError(f"CELERY_BROKER_URL has unknown scheme {_scheme_of(value)!r}")
-        return value
+    def _known_broker_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme("CELERY_BROKER_URL", value, _BROKER_SCHEMES)
 
     @field_validator("celery_result_backend_override")
     @classmethod
-    def _known_backend_scheme(cls, value: str | None) -> str | None:
-        if value is not None and _scheme_of(value) not in _BACKEND_SCHEMES:
-            raise ValueError(f"CELERY_RESULT_BACKEND has unknown scheme {_scheme_of(value)!r}")
+    def _known_backend_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme("CELERY_RESULT_BACKEND", value, _BACKEND_SCHEMES)
+
+    @field_validator("rate_limit_storage_url")
+    @classmethod
+    def _known_rate_limit_storage(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_scheme("RATE_LIMIT_STORAGE_URL", value, _RATE_LIMIT_SCHEMES)
+
+    @field_validator("max_transfer_amount", mode="before")
+    @classmethod
+    def _exact_maximum(cls, value: object) -> Decimal:
+        # The same exact form as an amount on the wire, and within what a balance column holds.
+        try:
+            maximum = money.parse_amount(str(value) if isinstance(value, int | Decimal) else value)
+        except ValueError as exc:
+            raise ValueError(f"MAX_TRANSFER_AMOUNT: {exc}") from None
+        if maximum <= 0 or maximum > money.LARGEST_BALANCE:
+            raise ValueError(f"MAX_TRANSFER_AMOUNT must be above 0 and at most {money.LARGEST_BALANCE}")
+        return maximum
+
+    @field_validator("idempotency_key_retention", mode="before")
+    @classmethod
+    def _seconds_or_iso(cls, value: object) -> object:
+        # A plain number is seconds ("86400"); anything else goes to pydantic (ISO 8601: "P1D").
+        if isinstance(value, str) and value.replace(".", "", 1).isdigit():
+            return float(value)
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_notation(cls, value: str) -> str:
+        try:
+            parse_rate_limit(value)
+        except ValueError:
+            raise ValueError(
+                "RATE_LIMIT must be in the limits library's notation, e.g. '100/second' or '1000 per minute'"
+            ) from None
+        return value
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _long_enough_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(f"ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_LENGTH} characters (random)")
         return value
 
     @model_validator(mode="after")
@@ -119,12 +196,14 @@ class Settings(BaseSettings):
     @property
     def async_database_url(self) -> str:
         """The PostgreSQL URL with the asyncpg driver, whichever form it was given in."""
-        if self.database_url:
-            rest = self.database_url.split("://", 1)[1]
+        explicit = reveal(self.database_url)
+        if explicit:
+            rest = explicit.split("://", 1)[1]
             return f"postgresql+asyncpg://{rest}"
         auth = quote(self.postgres_user, safe="")
-        if self.postgres_password:
-            auth += ":" + quote(self.postgres_password, safe="")
+        password = reveal(self.postgres_password)
+        if password:
+            auth += ":" + quote(password, safe="")
         return f"postgresql+asyncpg://{auth}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
 
     @property
@@ -134,16 +213,35 @@ class Settings(BaseSettings):
 
     @property
     def redis_url(self) -> str:
-        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        password = reveal(self.redis_password)
+        auth = f":{quote(password, safe='')}@" if password else ""
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
     @property
     def celery_broker_url(self) -> str:
-        return self.celery_broker_url_override or self.redis_url
+        return reveal(self.celery_broker_url_override) or self.redis_url
 
     @property
     def celery_result_backend(self) -> str:
-        return self.celery_result_backend_override or self.redis_url
+        return reveal(self.celery_result_backend_override) or self.redis_url
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """Where the API processes share their rate-limit counters (a limits storage URI).
+
+        RATE_LIMIT_STORAGE_URL if set; else the broker's Redis when the broker is Redis; else
+        the Redis of the REDIS_* parts.
+        """
+        explicit = reveal(self.rate_limit_storage_url)
+        if explicit:
+            return explicit
+        broker = self.celery_broker_url
+        return broker if _scheme_of(broker) in {"redis", "rediss"} else self.redis_url
+
+    @property
+    def admin_key(self) -> str | None:
+        """The operator's key in plain text, for the one comparison that needs it."""
+        return reveal(self.admin_api_key)
 
 
 @lru_cache

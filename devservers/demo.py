@@ -1,7 +1,9 @@
 """`make demo`: show the whole path work against a running service (`make run` in another terminal).
 
-Two accounts, a few transfers and one that must fail (insufficient funds: nothing is written, so no task);
-then it waits until every task of every transfer has run and prints each transfer with its tasks' states.
+As the operator (ADMIN_API_KEY, else the development key `make run` wrote to .data/admin-api-key) it
+creates a client; as that client it opens two accounts, which the operator funds with deposits; then a
+few transfers and one that must fail (insufficient funds: nothing is written, so no task). It waits
+until every task of every deposit and transfer has run and prints each with its tasks' states.
 The API is at API_BASE_URL (default http://127.0.0.1:$API_PORT, port 8000 unless set).
 Exit status 0 only if every task completed.
 """
@@ -19,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from devservers.run import ADMIN_KEY_FILE
+
 TERMINAL = {"completed", "failed", "dead"}
 
 
@@ -26,8 +30,32 @@ class DemoError(Exception):
     """The service answered something the demo cannot go on from."""
 
 
-def create_account(http: httpx.Client, email: str, balance: str) -> dict[str, Any]:
-    answer = http.post("/api/v1/accounts", json={"owner_email": email, "currency": "EUR", "initial_balance": balance})
+def operator_key() -> str:
+    """ADMIN_API_KEY, else the development key `make run` made."""
+    key = os.environ.get("ADMIN_API_KEY")
+    if key:
+        return key
+    if ADMIN_KEY_FILE.exists():
+        return ADMIN_KEY_FILE.read_text().strip()
+    raise DemoError(
+        f"no operator key: set ADMIN_API_KEY, or start the service with `make run` (it writes {ADMIN_KEY_FILE})"
+    )
+
+
+def create_client(operator: httpx.Client, name: str) -> dict[str, Any]:
+    return _body(operator.post("/api/v1/clients", json={"name": name}), 201)
+
+
+def create_account(http: httpx.Client, email: str) -> dict[str, Any]:
+    return _body(http.post("/api/v1/accounts", json={"owner_email": email, "currency": "EUR"}), 201)
+
+
+def deposit(operator: httpx.Client, account_id: str, amount: str) -> dict[str, Any]:
+    answer = operator.post(
+        f"/api/v1/accounts/{account_id}/deposits",
+        json={"amount": amount},
+        headers={"Idempotency-Key": str(uuid.uuid4())},
+    )
     return _body(answer, 201)
 
 
@@ -37,7 +65,7 @@ def transfer(http: httpx.Client, source: str, target: str, amount: str) -> httpx
 
 
 def wait_for_tasks(http: httpx.Client, transaction_ids: Sequence[str], timeout: float) -> dict[str, dict[str, Any]]:
-    """Poll each transfer until all its messages reach a final state or timeout passes; return the last views."""
+    """Poll each transaction until all its messages reach a final state or timeout passes; return the last views."""
     deadline = time.monotonic() + timeout
     views: dict[str, dict[str, Any]] = {}
     while True:
@@ -51,14 +79,15 @@ def wait_for_tasks(http: httpx.Client, transaction_ids: Sequence[str], timeout: 
 
 
 def show(view: dict[str, Any], names: dict[str, str]) -> str:
-    """One transfer and the state of each of its tasks, as printable lines."""
+    """One deposit or transfer and the state of each of its tasks, as printable lines."""
+    source = names[view["from_account_id"]] if view["from_account_id"] else "deposit"
     lines = [
-        f"transfer {view['id']}: {names[view['from_account_id']]} -> {names[view['to_account_id']]} "
-        f"{view['amount']} {view['currency']} ({view['status']}); its tasks, times after the transfer:"
+        f"{view['kind']} {view['id']}: {source} -> {names[view['to_account_id']]} "
+        f"{view['amount']} {view['currency']} ({view['status']}); its tasks, times after it:"
     ]
     created = datetime.fromisoformat(view["created_at"])
     for message in view["messages"]:
-        note = f"  last_error={message['last_error']}" if message["last_error"] else ""
+        note = f"  last_error={message['last_error']}" if message.get("last_error") else ""
         lines.append(
             f"    {message['task_name']:<24} {message['state']:<10} attempts={message['attempts']}"
             f"  published {_after(created, message['published_at'])}"
@@ -75,35 +104,49 @@ def _after(start: datetime, moment: str | None) -> str:
 
 
 def run(base_url: str, timeout: float) -> int:
-    with httpx.Client(base_url=base_url, timeout=10.0) as http:
-        _check_service(http, base_url)
-        alice = create_account(http, "alice@example.com", "100.00")
-        bob = create_account(http, "bob@example.com", "50.00")
-        names = {alice["id"]: "alice", bob["id"]: "bob"}
-        print(f"accounts: alice {alice['id']} (100.00 EUR), bob {bob['id']} (50.00 EUR)")
+    admin = {"Authorization": f"Bearer {operator_key()}"}
+    with httpx.Client(base_url=base_url, timeout=10.0, headers=admin) as operator:
+        _check_service(operator, base_url)
+        client = create_client(operator, f"demo-{uuid.uuid4().hex[:6]}")
+        print(f"client {client['name']} {client['id']} created by the operator; its key is shown once, at creation")
+        with httpx.Client(
+            base_url=base_url, timeout=10.0, headers={"Authorization": f"Bearer {client['api_key']}"}
+        ) as http:
+            return _as_client(operator, http, timeout)
 
-        transaction_ids = []
-        for source, target, amount in ((alice, bob, "10.00"), (bob, alice, "2.50"), (alice, bob, "7.25")):
-            view = _body(transfer(http, source["id"], target["id"], amount), 201)
-            transaction_ids.append(view["id"])
-            print(f"transfer {view['id']}: {names[source['id']]} -> {names[target['id']]} {amount} EUR accepted")
 
-        refused = transfer(http, bob["id"], alice["id"], "1000.00")
-        code = refused.json().get("error", {}).get("code") if refused.status_code >= 400 else None
-        if refused.status_code != 409:
-            raise DemoError(f"expected 409 insufficient funds, got {refused.status_code}: {refused.text}")
-        print(f"transfer bob -> alice 1000.00 EUR refused: {refused.status_code} {code} (nothing written, so no task)")
+def _as_client(operator: httpx.Client, http: httpx.Client, timeout: float) -> int:
+    alice = create_account(http, "alice@example.com")
+    bob = create_account(http, "bob@example.com")
+    names = {alice["id"]: "alice", bob["id"]: "bob"}
+    print(f"accounts (opened at 0.00): alice {alice['id']}, bob {bob['id']}")
+    transaction_ids = []
+    for account, amount in ((alice, "100.00"), (bob, "50.00")):
+        view = deposit(operator, account["id"], amount)
+        transaction_ids.append(view["id"])
+        print(f"deposit {view['id']}: {amount} EUR into {names[account['id']]} (by the operator)")
+    for source, target, amount in ((alice, bob, "10.00"), (bob, alice, "2.50"), (alice, bob, "7.25")):
+        view = _body(transfer(http, source["id"], target["id"], amount), 201)
+        transaction_ids.append(view["id"])
+        print(f"transfer {view['id']}: {names[source['id']]} -> {names[target['id']]} {amount} EUR accepted")
 
-        print(f"waiting up to {timeout:g}s for the tasks (each takes a couple of seconds on the worker)...")
-        views = wait_for_tasks(http, transaction_ids, timeout)
-        print()
-        for transaction_id in transaction_ids:
-            print(show(views[transaction_id], names))
-        print()
-        for account, name in ((alice, "alice"), (bob, "bob")):
-            balance = _body(http.get(f"/api/v1/accounts/{account['id']}"), 200)["balance"]
-            print(f"balance {name}: {balance} EUR")
-        return _verdict(views, timeout)
+    refused = transfer(http, bob["id"], alice["id"], "1000.00")
+    code = refused.json().get("error", {}).get("code") if refused.status_code >= 400 else None
+    if refused.status_code != 409:
+        raise DemoError(f"expected 409 insufficient funds, got {refused.status_code}: {refused.text}")
+    print(f"transfer bob -> alice 1000.00 EUR refused: {refused.status_code} {code} (nothing written, so no task)")
+
+    print(f"waiting up to {timeout:g}s for the tasks (each takes a couple of seconds on the worker)...")
+    views = wait_for_tasks(http, transaction_ids, timeout)
+    print()
+    for transaction_id in transaction_ids:
+        print(show(views[transaction_id], names))
+    print()
+    for account, name in ((alice, "alice"), (bob, "bob")):
+        balance = _body(http.get(f"/api/v1/accounts/{account['id']}"), 200)["balance"]
+        print(f"balance {name}: {balance} EUR")
+    print("the books balance: 150.00 EUR deposited, and the balances add up to it")
+    return _verdict(views, timeout)
 
 
 def _verdict(views: dict[str, dict[str, Any]], timeout: float) -> int:

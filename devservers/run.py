@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from devservers.discovery import EmbeddedUnavailable, Services, resolve_services
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / ".data"
+# The development operator key: made once, kept with the embedded servers' data, readable by you only.
+ADMIN_KEY_FILE = DATA / "admin-api-key"
 READY_TIMEOUT = 90.0
 
 
@@ -47,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ExitStack() as stack:
             services = resolve_services(settings, DATA, stack)
             _report(services)
-            env = process_env(settings, services)
+            admin_key = development_admin_key(settings, ADMIN_KEY_FILE)
+            env = process_env(settings, services, admin_key)
             _say("applying migrations (alembic upgrade head)")
             if subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], env=env, cwd=ROOT).returncode:
                 _say("migrations failed; stopping")
@@ -60,10 +64,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def process_env(settings: Settings, services: Services) -> dict[str, str]:
-    """The environment of the API, relay and worker: this one, plus the chosen servers and venv tools on PATH."""
+def development_admin_key(settings: Settings, path: Path) -> str:
+    """The operator's key for `make run`: ADMIN_API_KEY if set, else the one in `path` (made on first use)."""
+    if settings.admin_key:
+        _say("operator key: ADMIN_API_KEY from your environment")
+        return settings.admin_key
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+    _say(f"operator key (ADMIN_API_KEY) for development: in {path}")
+    _say(f"  export ADMIN_API_KEY=$(cat {path})   # make demo reads it from there by itself")
+    return path.read_text().strip()
+
+
+def process_env(settings: Settings, services: Services, admin_key: str | None = None) -> dict[str, str]:
+    """The environment of the API, relay and worker: this one, plus the chosen servers, the operator's key
+    and venv tools on PATH."""
     env = dict(os.environ)
     env.update(services.env())
+    if admin_key:
+        env["ADMIN_API_KEY"] = admin_key
     env["API_PORT"] = str(settings.api_port)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # Without it Python buffers a piped stdout, and the logs would reach the terminal in bursts.
@@ -86,26 +107,27 @@ def supervise(env: dict[str, str], api_port: int) -> int:
 def banner(api_port: int) -> str:
     """What to do next, once the API answers."""
     base = f"http://127.0.0.1:{api_port}"
-    account = (
-        f"curl -s -X POST {base}/api/v1/accounts -H 'Content-Type: application/json' "
-        '-d \'{{"owner_email": "{who}@example.com", "currency": "EUR", "initial_balance": "100.00"}}\''
-        " | python3 -c 'import json, sys; print(json.load(sys.stdin)[\"id\"])'"
-    )
-    transfer = (
-        f"curl -s -X POST {base}/api/v1/transactions/transfer -H 'Content-Type: application/json' "
-        '-d "{\\"from_account_id\\": \\"$A\\", \\"to_account_id\\": \\"$B\\", \\"amount\\": \\"12.50\\"}"'
-    )
+    json_id = "python3 -c 'import json, sys; print(json.load(sys.stdin)[\"id\"])'"
+    post = "curl -s -X POST -H 'Content-Type: application/json'"
     return "\n".join(
         [
             "The service is up (API, relay, worker). Ctrl-C stops everything.",
             f"  API:       {base}",
             f"  API docs:  {base}/docs",
-            "  See it work:  make demo   (in another terminal: two accounts, a few transfers, their tasks)",
-            "  Or by hand (two accounts, then a transfer between them):",
-            f"    A=$({account.format(who='alice')})",
-            f"    B=$({account.format(who='bob')})",
-            f"    {transfer}",
-            f"    curl -s {base}/api/v1/transactions/<id from the answer>   # its tasks' states",
+            "  See it work:  make demo   (in another terminal: a client, accounts, deposits, transfers, their tasks)",
+            "  Or by hand: a client (with the operator's key), an account, a deposit, a transfer:",
+            f"    export ADMIN_API_KEY=$(cat {ADMIN_KEY_FILE})",
+            f'    KEY=$({post} -H "Authorization: Bearer $ADMIN_API_KEY" {base}/api/v1/clients -d \'{{"name": "me"}}\''
+            " | python3 -c 'import json, sys; print(json.load(sys.stdin)[\"api_key\"])')",
+            f'    A=$({post} -H "Authorization: Bearer $KEY" {base}/api/v1/accounts'
+            f' -d \'{{"owner_email": "alice@example.com", "currency": "EUR"}}\' | {json_id})',
+            f'    B=$({post} -H "Authorization: Bearer $KEY" {base}/api/v1/accounts'
+            f' -d \'{{"owner_email": "bob@example.com", "currency": "EUR"}}\' | {json_id})',
+            f"    {post} -H \"Authorization: Bearer $ADMIN_API_KEY\" -H 'Idempotency-Key: first-deposit'"
+            f' {base}/api/v1/accounts/$A/deposits -d \'{{"amount": "100.00"}}\'',
+            f'    {post} -H "Authorization: Bearer $KEY" {base}/api/v1/transactions/transfer'
+            ' -d "{\\"from_account_id\\": \\"$A\\", \\"to_account_id\\": \\"$B\\", \\"amount\\": \\"12.50\\"}"',
+            f'    curl -s -H "Authorization: Bearer $KEY" {base}/api/v1/transactions/<id from the answer>  # its tasks',
         ]
     )
 

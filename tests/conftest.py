@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
+from decimal import Decimal
 
 import pytest
 import redis
@@ -17,7 +18,8 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from core.ledger import Ledger
+from core.clients import OPERATOR, Clients, Principal, Role
+from core.ledger import DepositRequest, Ledger
 from core.outbox.notifier import CommitNotifier
 from core.settings import Settings
 from devservers.embedded import free_port
@@ -27,7 +29,9 @@ from tests.servers import postgres_server, redis_server
 logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TABLES = "task_runs, audit_log, outbox, transactions, accounts"
+TABLES = "task_runs, audit_log, outbox, idempotency_keys, transactions, accounts, clients"
+# The operator's key in every test app (ADMIN_API_KEY must be at least 32 characters).
+ADMIN_KEY = "test-operator-key-0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def alembic_config(database_url: str) -> Config:
@@ -91,6 +95,9 @@ def settings(database_url: str, redis_url: str) -> Settings:
         log_json=False,
         # The in-process API serves its metrics, as in production, on a port of its own.
         api_metrics_port=free_port(),
+        admin_api_key=ADMIN_KEY,
+        # Tests send bursts; the rate-limit tests set their own limit.
+        rate_limit="100000/second",
     )
 
 
@@ -101,6 +108,8 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         DATABASE_URL=settings.libpq_database_url,
         CELERY_BROKER_URL=settings.celery_broker_url,
         CELERY_RESULT_BACKEND=settings.celery_result_backend,
+        ADMIN_API_KEY=settings.admin_key or ADMIN_KEY,
+        RATE_LIMIT=settings.rate_limit,
         EMAIL_SEND_DELAY=str(settings.email_send_delay),
         AUDIT_WRITE_DELAY=str(settings.audit_write_delay),
         LOG_JSON="false",
@@ -135,3 +144,19 @@ def make_ledger(engine: AsyncEngine, settings: Settings, notify_interval: float 
 def ledger(engine: AsyncEngine, settings: Settings) -> Ledger:
     """The use cases on the test database (every transfer notifies)."""
     return make_ledger(engine, settings)
+
+
+async def account_holder(engine: AsyncEngine, name: str = "holder") -> Principal:
+    """A new client, as the ledger sees its caller."""
+    created = await Clients(engine, admin_api_key=None, cache_seconds=0).create(name)
+    return Principal(Role.CLIENT, created.client.id, name)
+
+
+async def funded_account(
+    ledger: Ledger, owner: Principal, balance: Decimal, *, currency: str = "EUR", email: str = "owner@example.com"
+) -> uuid.UUID:
+    """An account of `owner` holding `balance`, deposited by the operator as in production."""
+    account = await ledger.open_account(owner, email, currency)
+    if balance > 0:
+        await ledger.deposit(DepositRequest(account.id, balance, f"fund-{uuid.uuid4()}"), OPERATOR)
+    return account.id

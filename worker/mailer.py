@@ -8,7 +8,7 @@ import ssl
 import time
 from email.message import EmailMessage
 
-from core.settings import Settings
+from core.settings import Settings, reveal
 
 
 def build_message(settings: Settings, *, task_id: str, email: str, amount: str, status: str) -> EmailMessage:
@@ -39,7 +39,7 @@ def send_email(settings: Settings, message: EmailMessage) -> None:
         if settings.smtp_starttls:
             smtp.starttls(context=ssl.create_default_context())
         if settings.smtp_user:
-            smtp.login(settings.smtp_user, settings.smtp_password or "")
+            smtp.login(settings.smtp_user, reveal(settings.smtp_password) or "")
         smtp.send_message(message)
         # The server has accepted the message: a failing QUIT must not make us send it again.
         with contextlib.suppress(smtplib.SMTPException, OSError):

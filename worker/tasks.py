@@ -95,13 +95,10 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
     arguments = parse_arguments(EmailArguments, args, kwargs)
     task_id: str = task.request.id
     settings = task.settings
-    logger.info(
-        "send_transaction_email email=%s amount=%s status=%s",
-        arguments.email,
-        arguments.amount,
-        arguments.status,
-        extra={"task_id": task_id, "task_name": SEND_TRANSACTION_EMAIL},
-    )
+    extra = {"task_id": task_id, "task_name": SEND_TRANSACTION_EMAIL}
+    # The recipient is personal data: INFO logs carry the task id (which finds the outbox row), not the address.
+    logger.info("send_transaction_email amount=%s status=%s", arguments.amount, arguments.status, extra=extra)
+    logger.debug("send_transaction_email to %s", arguments.email, extra=extra)
     try:
         claim = task.database.run(
             partial(claim_email_lease, task_id=task_id, lease_seconds=settings.celery_task_time_limit)

@@ -29,26 +29,27 @@ class Answer:
         return self.sent <= end and self.received >= start
 
 
-def open_accounts(system: System, count: int, balance: str = "1000.00") -> list[str]:
-    with system.client() as client:
-        ids = []
-        for i in range(count):
-            body = {"owner_email": f"load{i}@example.com", "currency": "EUR", "initial_balance": balance}
-            response = client.post("/api/v1/accounts", json=body)
-            assert response.status_code == 201, response.text
-            ids.append(response.json()["id"])
-    return ids
+@dataclass(frozen=True)
+class Accounts:
+    key: str  # the API key of the client that owns them
+    ids: list[str]
+
+
+def open_accounts(system: System, count: int, balance: str = "1000.00") -> Accounts:
+    """`count` accounts of a new client, each funded with `balance` by the operator."""
+    key = system.new_client_key("load")
+    return Accounts(key, system.funded_accounts(key, *[balance] * count))
 
 
 def steady_transfers(
-    system: System, accounts: list[str], *, rate: float, seconds: float, concurrency: int
+    system: System, accounts: Accounts, *, rate: float, seconds: float, concurrency: int
 ) -> list[Answer]:
     """Offer `rate` transfers a second for `seconds`, from `concurrency` clients (one
     keep-alive connection each), on a fixed schedule: a slow answer does not slow the offer
     down until all clients are busy. Returns every answer, in the order offered."""
     total = int(rate * seconds)
     rng = random.Random(15)
-    plan = [(*rng.sample(accounts, 2), f"{rng.randint(1, 500) / 100:.2f}") for _ in range(total)]
+    plan = [(*rng.sample(accounts.ids, 2), f"{rng.randint(1, 500) / 100:.2f}") for _ in range(total)]
     local = threading.local()
     clients: list[httpx.Client] = []
     started = time.monotonic()
@@ -56,7 +57,8 @@ def steady_transfers(
     def send(index: int) -> Answer:
         time.sleep(max(0.0, started + index / rate - time.monotonic()))
         if not hasattr(local, "client"):
-            local.client = httpx.Client(base_url=system.base_url, timeout=10)
+            headers = {"Authorization": f"Bearer {accounts.key}"}
+            local.client = httpx.Client(base_url=system.base_url, timeout=10, headers=headers)
             clients.append(local.client)
         client: httpx.Client = local.client
         source, target, amount = plan[index]

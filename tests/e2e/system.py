@@ -128,8 +128,36 @@ class System:
             managed.stop()
             managed.kill()
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+    def client(self, key: str | None = None) -> httpx.Client:
+        """An HTTP client on the API with `key` (default: the operator's, ADMIN_API_KEY)."""
+        headers = {"Authorization": f"Bearer {key or self.env['ADMIN_API_KEY']}"}
+        return httpx.Client(base_url=self.base_url, timeout=30, headers=headers)
+
+    def new_client_key(self, name: str = "e2e") -> str:
+        with self.client() as operator:
+            answer = operator.post("/api/v1/clients", json={"name": name})
+        assert answer.status_code == 201, answer.text
+        key: str = answer.json()["api_key"]
+        return key
+
+    def funded_accounts(self, key: str, *balances: str) -> list[str]:
+        """Accounts of the client with `key`, each funded by an operator's deposit of its balance."""
+        ids = []
+        with self.client(key) as client, self.client() as operator:
+            for index, balance in enumerate(balances):
+                opened = client.post(
+                    "/api/v1/accounts", json={"owner_email": f"owner{index}@example.com", "currency": "EUR"}
+                )
+                assert opened.status_code == 201, opened.text
+                ids.append(opened.json()["id"])
+                if balance not in ("0", "0.00"):
+                    deposited = operator.post(
+                        f"/api/v1/accounts/{ids[-1]}/deposits",
+                        json={"amount": balance},
+                        headers={"Idempotency-Key": f"fund-{ids[-1]}"},
+                    )
+                    assert deposited.status_code == 201, deposited.text
+        return ids
 
     def logs(self) -> str:
         return "\n".join(f"===== {name} =====\n{m.log()[-6000:]}" for name, m in self.processes.items())

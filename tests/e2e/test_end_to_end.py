@@ -14,27 +14,23 @@ from tests.e2e.system import System, wait_until
 pytestmark = pytest.mark.e2e
 
 
-def _accounts(system: System, *balances: str) -> list[str]:
-    with system.client() as client:
-        return [
-            client.post(
-                "/api/v1/accounts",
-                json={"owner_email": f"owner{i}@example.com", "currency": "EUR", "initial_balance": balance},
-            ).json()["id"]
-            for i, balance in enumerate(balances)
-        ]
+def _accounts(system: System, *balances: str) -> tuple[str, list[str]]:
+    """A new client's key, and its accounts holding `balances` (deposited by the operator)."""
+    key = system.new_client_key()
+    return key, system.funded_accounts(key, *balances)
 
 
 def test_a_transfer_runs_both_tasks_once(system: System, settings: Settings) -> None:
-    source, target = _accounts(system, "100.00", "0.00")
-    with system.client() as client:
+    key, (source, target) = _accounts(system, "100.00", "0.00")
+    database = settings.libpq_database_url
+    wait_until(lambda: all_completed(database), 30, "the deposit's tasks completed")
+    with system.client(key) as client:
         response = client.post(
             "/api/v1/transactions/transfer",
             json={"from_account_id": source, "to_account_id": target, "amount": "25.00"},
         )
         assert response.status_code == 201
         transaction_id = response.json()["id"]
-        database = settings.libpq_database_url
         wait_until(lambda: all_completed(database), 30, "both tasks completed")
         detail = client.get(f"/api/v1/transactions/{transaction_id}").json()
 
@@ -46,7 +42,7 @@ def test_a_transfer_runs_both_tasks_once(system: System, settings: Settings) -> 
     assert audit[0]["task_id"] == messages["audit_log_transaction"]["id"]
     email_id = messages["send_transaction_email"]["id"]
     assert len(system.smtp.received(message_id=f"<{email_id}@outbox-transfers>")) == 1
-    assert system.smtp.count == 1
+    assert system.smtp.count == 2  # the deposit's email and the transfer's
     for message in messages.values():
         result = task_result(system.redis.url, message["id"])
         assert result is not None
@@ -55,8 +51,10 @@ def test_a_transfer_runs_both_tasks_once(system: System, settings: Settings) -> 
 
 
 def test_failed_transfers_produce_no_task(system: System, settings: Settings) -> None:
-    source, target = _accounts(system, "10.00", "0.00")
-    with system.client() as client:
+    key, (source, target) = _accounts(system, "10.00", "0.00")
+    database = settings.libpq_database_url
+    wait_until(lambda: all_completed(database), 30, "the deposit's tasks")
+    with system.client(key) as client:
         refused = [
             client.post(
                 "/api/v1/transactions/transfer",
@@ -77,19 +75,20 @@ def test_failed_transfers_produce_no_task(system: System, settings: Settings) ->
             "/api/v1/transactions/transfer", json={"from_account_id": source, "to_account_id": target, "amount": "1.00"}
         )
         assert ok.status_code == 201
-    database = settings.libpq_database_url
     wait_until(lambda: all_completed(database), 30, "the successful transfer's tasks")
-    assert fetch(database, "SELECT count(*) AS n FROM outbox")[0]["n"] == 2
-    assert [r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log")] == [ok.json()["id"]]
-    assert system.smtp.count == 1
+    assert fetch(database, "SELECT count(*) AS n FROM outbox")[0]["n"] == 4  # the deposit's two and the transfer's
+    audited = [r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log ORDER BY id")]
+    assert audited[-1] == ok.json()["id"]
+    assert len(audited) == 2
+    assert system.smtp.count == 2
 
 
 @pytest.mark.parametrize("system_env", [{"EMAIL_SEND_DELAY": "2", "AUDIT_WRITE_DELAY": "1", "SMTP_HOST": ""}])
 def test_the_api_answers_at_once_while_tasks_take_seconds(system: System, settings: Settings) -> None:
-    source, target = _accounts(system, "100.00", "0.00")
+    key, (source, target) = _accounts(system, "100.00", "0.00")
     timings = []
     started_all = time.monotonic()
-    with system.client() as client:
+    with system.client(key) as client:
         for _ in range(10):
             started = time.perf_counter()
             response = client.post(

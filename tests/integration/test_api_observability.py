@@ -23,8 +23,11 @@ from api.main import create_app
 from core.settings import Settings
 from core.telemetry import TraceContextFilter, current_trace_id, current_traceparent
 from devservers.embedded import free_port
+from tests.conftest import ADMIN_KEY
 
 TRANSFER = "/api/v1/transactions/transfer"
+DEPOSITS = "/api/v1/accounts/{account_id}/deposits"
+OPERATOR = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"
@@ -45,10 +48,15 @@ def tracer_provider(spans: InMemorySpanExporter) -> TracerProvider:
 
 
 @asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+async def serving(app: FastAPI, *, as_client: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on the app; with `as_client`, authenticated as a client the operator made."""
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            if as_client:
+                made = await http.post("/api/v1/clients", json={"name": "observed"}, headers=OPERATOR)
+                assert made.status_code == 201, made.text
+                http.headers["Authorization"] = f"Bearer {made.json()['api_key']}"
             yield http
 
 
@@ -68,11 +76,17 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def _account(http: httpx.AsyncClient, balance: str = "100.00") -> str:
-    response = await http.post(
-        "/api/v1/accounts", json={"owner_email": "o@example.com", "currency": "EUR", "initial_balance": balance}
-    )
+    """An account of the client's, with `balance` deposited by the operator (none for zero)."""
+    response = await http.post("/api/v1/accounts", json={"owner_email": "o@example.com", "currency": "EUR"})
     assert response.status_code == 201, response.text
     account_id: str = response.json()["id"]
+    if balance != "0.00":
+        deposit = await http.post(
+            f"/api/v1/accounts/{account_id}/deposits",
+            json={"amount": balance},
+            headers={**OPERATOR, "Idempotency-Key": str(uuid.uuid4())},
+        )
+        assert deposit.status_code == 201, deposit.text
     return account_id
 
 
@@ -84,7 +98,8 @@ async def test_the_metrics_port_shows_requests_by_route_template_and_transfers_b
         source, target = await _account(http), await _account(http, "0.00")
         body = {"from_account_id": source, "to_account_id": target, "amount": "1.00"}
         assert (await http.post(TRANSFER, json=body, headers={"Idempotency-Key": "k1"})).status_code == 201
-        assert (await http.post(TRANSFER, json=body, headers={"Idempotency-Key": "k1"})).status_code == 200
+        # A replay answers as the original did (201, the same body); the metrics still tell them apart.
+        assert (await http.post(TRANSFER, json=body, headers={"Idempotency-Key": "k1"})).status_code == 201
         assert (await http.post(TRANSFER, json={**body, "amount": "1000.00"})).status_code == 409
         assert (await http.post(TRANSFER, json={**body, "amount": "-1"})).status_code == 422
         assert (await http.post(TRANSFER, json={**body, "amount": "1000000.01"})).status_code == 422
@@ -100,18 +115,21 @@ async def test_the_metrics_port_shows_requests_by_route_template_and_transfers_b
         return value(samples, "http_requests_total", handler=handler, method=method, status=status)
 
     assert requests("/api/v1/accounts", "POST", "201") == 2
-    assert requests(TRANSFER, "POST", "201") == 1
-    assert requests(TRANSFER, "POST", "200") == 1
+    assert requests("/api/v1/clients", "POST", "201") == 1
+    assert requests(DEPOSITS, "POST", "201") == 1
+    assert requests(TRANSFER, "POST", "201") == 2
     assert requests(TRANSFER, "POST", "422") == 2
     assert requests("/api/v1/accounts/{account_id}", "GET", "200") == 1
     assert requests("/api/v1/accounts/{account_id}", "GET", "404") == 1
     assert requests("none", "GET", "404") == 1  # an unknown path never becomes a label value
     histogram = {"handler": TRANSFER, "method": "POST", "status": "201"}
-    assert value(samples, "http_request_duration_seconds_count", **histogram) == 1
-    assert value(samples, "http_request_duration_seconds_bucket", **histogram, le="+Inf") == 1
+    assert value(samples, "http_request_duration_seconds_count", **histogram) == 2
+    assert value(samples, "http_request_duration_seconds_bucket", **histogram, le="+Inf") == 2
     assert not [labels for name, labels in samples if ("handler", "/health/live") in labels], "probes are not counted"
     assert {dict(labels)["handler"] for name, labels in samples if name == "http_requests_total"} == {
+        "/api/v1/clients",
         "/api/v1/accounts",
+        DEPOSITS,
         "/api/v1/accounts/{account_id}",
         TRANSFER,
         "none",
@@ -131,9 +149,11 @@ async def test_the_metrics_port_shows_requests_by_route_template_and_transfers_b
 async def test_an_unreachable_database_counts_as_unavailable(settings: Settings) -> None:
     down = settings.model_copy(update={"database_url": "postgresql://postgres@127.0.0.1:1/nowhere"})
     app = create_app(down)
-    async with serving(app) as http:
+    async with serving(app, as_client=False) as http:
         body = {"from_account_id": str(uuid.uuid4()), "to_account_id": str(uuid.uuid4()), "amount": "1.00"}
-        assert (await http.post(TRANSFER, json=body)).status_code == 503
+        # A client's key is looked up in the database, which is down.
+        key = {"Authorization": "Bearer " + "k" * 43}
+        assert (await http.post(TRANSFER, json=body, headers=key)).status_code == 503
         samples = scrape(down.api_metrics_port)
     assert value(samples, "transfers_total", outcome="unavailable", reason="database_unavailable") == 1
 
@@ -233,6 +253,7 @@ async def test_a_request_without_a_traceparent_starts_a_new_trace(
     settings: Settings, engine: AsyncEngine, tracer_provider: TracerProvider, spans: InMemorySpanExporter
 ) -> None:
     async with serving(_traced_app(settings, tracer_provider)) as http:
+        spans.clear()  # the operator's request that made the client
         first = (await http.get("/test/trace")).json()
         second = (await http.get("/test/trace")).json()
     servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
@@ -261,6 +282,7 @@ async def test_an_unexpected_error_is_logged_inside_the_request_trace(
     errors.addHandler(handler)
     try:
         async with serving(_traced_app(settings, tracer_provider)) as http:
+            spans.clear()  # the operator's request that made the client
             response = await http.get("/test/boom", headers={"traceparent": TRACEPARENT})
     finally:
         errors.removeHandler(handler)

@@ -18,6 +18,7 @@ from api.main import API_APPLICATION_NAME, create_app
 from core.database import create_engine
 from core.settings import Settings
 from core.unit_of_work import ConnectionUnusable, DriverUnitOfWork
+from tests.api import OPERATOR_HEADERS, bearer, new_client_key
 
 TRANSFER = "/api/v1/transactions/transfer"
 # The API's own sessions in this test's database: never another test's, nor another client's.
@@ -36,8 +37,11 @@ async def app(settings: Settings, engine: AsyncEngine) -> AsyncIterator[FastAPI]
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client with a new client's key."""
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=OPERATOR_HEADERS) as http:
+        _, key = await new_client_key(http)
+        http.headers.update(bearer(key))
         yield http
 
 
@@ -52,10 +56,16 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 async def accounts(client: httpx.AsyncClient) -> tuple[str, str]:
     ids = []
     for name in ("from", "to"):
-        body = {"owner_email": f"{name}@example.com", "currency": "EUR", "initial_balance": "1000.00"}
+        body = {"owner_email": f"{name}@example.com", "currency": "EUR"}
         response = await client.post("/api/v1/accounts", json=body)
         assert response.status_code == 201, response.text
         ids.append(response.json()["id"])
+    deposit = await client.post(
+        f"/api/v1/accounts/{ids[0]}/deposits",
+        json={"amount": "1000.00"},
+        headers={**OPERATOR_HEADERS, "Idempotency-Key": "fund"},
+    )
+    assert deposit.status_code == 201, deposit.text
     return ids[0], ids[1]
 
 
@@ -140,18 +150,3 @@ async def test_a_connection_error_at_begin_discards_the_connection(
             assert uow.connection.get_server_pid() != first
     finally:
         await engine.dispose()
-
-
-async def test_an_exhausted_pool_answers_503_with_retry_after(
-    settings: Settings, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("core.database.POOL_TIMEOUT", 0.2)
-    application = create_app(settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0}))
-    async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
-        held = application.state.services.engine.connect()  # the pool's one connection
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http, held:
-            response = await http.get("/api/v1/accounts/00000000-0000-0000-0000-000000000000")
-    assert response.status_code == 503, response.text
-    assert response.headers["Retry-After"] == "1"
-    assert response.json()["error"]["code"] == "database_busy"

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.ledger import Ledger, TransferRequest
+from core.outbox import queries
 from core.outbox.queries import claim_pending
 from core.outbox.states import OutboxState
 from core.settings import Settings
@@ -29,6 +30,7 @@ from relay.celery_app import create_celery_app
 from relay.db import connect
 from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, create_publisher
 from relay.reconciler import DEAD_REASON, REPUBLISHED_REASON, reconcile
+from tests.conftest import account_holder, funded_account
 from tests.relays import PrivateRedis, new_queue, queued_messages
 
 INSERT = "INSERT INTO outbox (id, task_name, kwargs, created_at) VALUES ($1, $2, $3::jsonb, $4)"
@@ -84,10 +86,13 @@ async def test_committed_transfers_are_published_once_with_name_kwargs_and_task_
     publisher: Publisher,
     broker: PrivateRedis,
 ) -> None:
-    payer = await ledger.open_account("payer@example.com", "EUR", Decimal("100.00"))
-    payee = await ledger.open_account("payee@example.com", "EUR", Decimal("0.00"))
+    owner = await account_holder(engine)
+    payer = await funded_account(ledger, owner, Decimal("100.00"), email="payer@example.com")
+    payee = await funded_account(ledger, owner, Decimal("0.00"), email="payee@example.com")
+    await queries.clear(db)  # the deposit's own outbox rows: this test counts the transfers'
+
     for _ in range(15):
-        await ledger.transfer(TransferRequest(payer.id, payee.id, Decimal("1.25")))
+        await ledger.transfer(TransferRequest(payer, payee, Decimal("1.25")), owner)
 
     await drain(db, publisher, relay_settings)
 

@@ -21,8 +21,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.ledger import Ledger, TransferRequest
+from core.outbox import queries
 from core.outbox.states import OutboxState
 from core.settings import Settings
+from tests.conftest import account_holder, funded_account
 from tests.relays import PrivateRedis, RelayProcess, new_queue, queued_messages, relay_env, start_relay
 
 pytestmark = pytest.mark.e2e
@@ -88,13 +90,16 @@ async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
     broker: PrivateRedis,
     queue: str,
 ) -> None:
-    payer = await ledger.open_account("payer@example.com", "EUR", Decimal("100.00"))
-    payee = await ledger.open_account("payee@example.com", "EUR", Decimal("0.00"))
+    owner = await account_holder(engine)
+    payer = await funded_account(ledger, owner, Decimal("100.00"), email="payer@example.com")
+    payee = await funded_account(ledger, owner, Decimal("0.00"), email="payee@example.com")
+    await queries.clear(db)  # the deposit's own outbox rows: this test counts the transfers'
+
     # A long idle poll: only the NOTIFY (or the linger after it) can explain a fast pick-up.
     with start_relay(env_for(settings, broker, queue, RELAY_POLL_INTERVAL="30")) as relay:
         await until(logged(relay, "relay.connected"), what="relay connected")
         for _ in range(20):
-            await ledger.transfer(TransferRequest(payer.id, payee.id, Decimal("1.00")))
+            await ledger.transfer(TransferRequest(payer, payee, Decimal("1.00")), owner)
             await asyncio.sleep(0.01)
         await until(published(db, 40), what="40 rows published")
         lag = await db.fetchval("SELECT max(extract(epoch FROM published_at - created_at)) FROM outbox")

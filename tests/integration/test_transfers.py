@@ -7,6 +7,7 @@ import json
 import random
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -14,52 +15,89 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from api.main import create_app
+from core.clients import Clients
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.errors import InsufficientFunds
 from core.ledger import TransferRequest
 from core.settings import Settings
-from tests.conftest import make_ledger
+from tests.api import OPERATOR_HEADERS, bearer, open_account
+from tests.conftest import ADMIN_KEY, account_holder, funded_account, make_ledger
+
+
+async def _outbox_rows(engine: AsyncEngine, transaction_id: str) -> list[Any]:
+    async with engine.connect() as connection:
+        return list(
+            (
+                await connection.execute(
+                    text("SELECT task_name, kwargs, state FROM outbox WHERE transaction_id = :id ORDER BY task_name"),
+                    {"id": transaction_id},
+                )
+            ).all()
+        )
 
 
 async def test_transfer_writes_its_outbox_rows_in_the_same_commit(
-    client: httpx.AsyncClient, engine: AsyncEngine
+    client: httpx.AsyncClient, operator: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
-    source = (
-        await client.post(
-            "/api/v1/accounts", json={"owner_email": "ann@example.com", "currency": "EUR", "initial_balance": "50.00"}
-        )
-    ).json()
-    target = (await client.post("/api/v1/accounts", json={"owner_email": "bob@example.com", "currency": "EUR"})).json()
+    source = await open_account(client, operator, "50.00", email="ann@example.com")
+    target = await open_account(client, operator, email="bob@example.com")
 
     response = await client.post(
-        "/api/v1/transactions/transfer",
-        json={"from_account_id": source["id"], "to_account_id": target["id"], "amount": "12.5"},
+        "/api/v1/transactions/transfer", json={"from_account_id": source, "to_account_id": target, "amount": "12.5"}
     )
 
     assert response.status_code == 201
     transfer = response.json()
     assert transfer["amount"] == "12.50"
     assert transfer["status"] == "SUCCESS"
-    assert (await client.get(f"/api/v1/accounts/{source['id']}")).json()["balance"] == "37.50"
-    assert (await client.get(f"/api/v1/accounts/{target['id']}")).json()["balance"] == "12.50"
-    async with engine.connect() as connection:
-        rows = (
-            await connection.execute(
-                text("SELECT task_name, kwargs, state FROM outbox WHERE transaction_id = :id ORDER BY task_name"),
-                {"id": transfer["id"]},
-            )
-        ).all()
+    assert transfer["kind"] == "transfer"
+    assert (await client.get(f"/api/v1/accounts/{source}")).json()["balance"] == "37.50"
+    assert (await client.get(f"/api/v1/accounts/{target}")).json()["balance"] == "12.50"
+    rows = await _outbox_rows(engine, transfer["id"])
     assert [row.task_name for row in rows] == [AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL]
     audit, email = rows[0].kwargs, rows[1].kwargs
     assert email == {"email": "ann@example.com", "amount": "12.50", "status": "SUCCESS"}
     assert audit["transaction_id"] == transfer["id"]
     assert audit["data"]["amount"] == "12.50"
-    assert audit["data"]["from_account_id"] == source["id"]
+    assert audit["data"]["from_account_id"] == source
+    assert audit["data"]["kind"] == "transfer"
     assert {row.state for row in rows} == {"pending"}
 
     detail = (await client.get(f"/api/v1/transactions/{transfer['id']}")).json()
     assert sorted(m["task_name"] for m in detail["messages"]) == [AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL]
     assert all(m["published_at"] is None and m["attempts"] == 0 for m in detail["messages"])
+    assert all("last_error" not in m for m in detail["messages"]), "last_error is for operators only"
+    seen_by_operator = (await operator.get(f"/api/v1/transactions/{transfer['id']}")).json()
+    assert all("last_error" in m for m in seen_by_operator["messages"])
+
+
+async def test_a_deposit_is_a_transaction_with_its_own_outbox_rows(
+    client: httpx.AsyncClient, operator: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    account = await open_account(client, operator, email="dee@example.com")
+    response = await operator.post(
+        f"/api/v1/accounts/{account}/deposits", json={"amount": "20"}, headers={"Idempotency-Key": "d-1"}
+    )
+    assert response.status_code == 201, response.text
+    deposit = response.json()
+    assert deposit["kind"] == "deposit"
+    assert deposit["from_account_id"] is None
+    assert deposit["to_account_id"] == account
+    assert deposit["amount"] == "20.00"
+    rows = await _outbox_rows(engine, deposit["id"])
+    assert [row.task_name for row in rows] == [AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL]
+    assert rows[1].kwargs == {"email": "dee@example.com", "amount": "20.00", "status": "SUCCESS"}
+    assert rows[0].kwargs["data"]["kind"] == "deposit"
+    assert rows[0].kwargs["data"]["from_account_id"] is None
+    assert (await client.get(f"/api/v1/accounts/{account}")).json()["balance"] == "20.00"
+    assert (await client.get(f"/api/v1/transactions/{deposit['id']}")).status_code == 200
+
+    again = await operator.post(
+        f"/api/v1/accounts/{account}/deposits", json={"amount": "20"}, headers={"Idempotency-Key": "d-1"}
+    )
+    assert again.status_code == 201
+    assert again.json() == deposit
+    assert (await client.get(f"/api/v1/accounts/{account}")).json()["balance"] == "20.00"
 
 
 async def test_transfer_commits_while_redis_is_unreachable(settings: Settings, engine: AsyncEngine) -> None:
@@ -70,19 +108,17 @@ async def test_transfer_commits_while_redis_is_unreachable(settings: Settings, e
         }
     )
     app = create_app(unreachable)
+    holder = await Clients(engine, admin_api_key=None, cache_seconds=0).create("holder")
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            a = (
-                await client.post(
-                    "/api/v1/accounts",
-                    json={"owner_email": "a@example.com", "currency": "EUR", "initial_balance": "10"},
-                )
-            ).json()
-            b = (await client.post("/api/v1/accounts", json={"owner_email": "b@example.com", "currency": "EUR"})).json()
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test", headers=OPERATOR_HEADERS) as operator,
+            httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer(holder.api_key)) as client,
+        ):
+            a = await open_account(client, operator, "10")
+            b = await open_account(client, operator)
             response = await client.post(
-                "/api/v1/transactions/transfer",
-                json={"from_account_id": a["id"], "to_account_id": b["id"], "amount": "3.00"},
+                "/api/v1/transactions/transfer", json={"from_account_id": a, "to_account_id": b, "amount": "3.00"}
             )
             assert response.status_code == 201
             detail = await client.get(f"/api/v1/transactions/{response.json()['id']}")
@@ -99,14 +135,20 @@ async def test_ready_is_503_when_the_database_is_unreachable(settings: Settings)
             assert (await client.get("/health/live")).status_code == 200
             ready = await client.get("/health/ready")
             assert ready.status_code == 503
-            assert ready.json()["error"] == {"code": "not_ready", "message": "database unavailable"}
             assert ready.headers["Retry-After"] == "1"
-            transfer = await client.post(
-                "/api/v1/transactions/transfer",
-                json={"from_account_id": str(uuid.uuid4()), "to_account_id": str(uuid.uuid4()), "amount": "1.00"},
+            error = ready.json()["error"]
+            assert error["message"] == "database unavailable", "says what is down, not the exception"
+            assert "127.0.0.1" not in ready.text
+            assert "nowhere" not in ready.text
+            # The operator's key needs no database; what it asks for does.
+            read = await client.get(
+                f"/api/v1/accounts/{uuid.uuid4()}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
             )
-            assert transfer.status_code == 503
-            assert transfer.headers["Retry-After"] == "1"
+            assert read.status_code == 503
+            assert read.headers["Retry-After"]
+            # A client's key is looked up in the database: 503 too, not 401.
+            unknown = await client.get(f"/api/v1/accounts/{uuid.uuid4()}", headers={"Authorization": "Bearer x" * 2})
+            assert unknown.status_code == 503
 
 
 async def test_concurrent_transfers_both_ways_never_deadlock_and_balance(
@@ -115,14 +157,15 @@ async def test_concurrent_transfers_both_ways_never_deadlock_and_balance(
     """Real concurrent transactions between few accounts, in both directions."""
     pooled = create_async_engine(settings.async_database_url, pool_size=16, max_overflow=0)
     service = make_ledger(pooled, settings)
-    accounts = [(await service.open_account(f"u{i}@example.com", "EUR", Decimal("100.00"))).id for i in range(4)]
+    owner = await account_holder(engine)
+    accounts = [await funded_account(service, owner, Decimal("100.00")) for _ in range(4)]
     rng = random.Random(7)
     outcomes = {"ok": 0, "insufficient": 0}
 
     async def one() -> None:
         source, target = rng.sample(accounts, 2)
         try:
-            await service.transfer(TransferRequest(source, target, Decimal(rng.randint(1, 3000)) / 100))
+            await service.transfer(TransferRequest(source, target, Decimal(rng.randint(1, 3000)) / 100), owner)
             outcomes["ok"] += 1
         except InsufficientFunds:
             outcomes["insufficient"] += 1
@@ -139,8 +182,8 @@ async def test_concurrent_transfers_both_ways_never_deadlock_and_balance(
         outbox = (await connection.execute(text("SELECT count(*) FROM outbox"))).scalar_one()
     assert total == Decimal("400.00")
     assert negative == 0
-    assert transactions == outcomes["ok"]
-    assert outbox == 2 * outcomes["ok"]
+    assert transactions == outcomes["ok"] + 4  # and the four deposits
+    assert outbox == 2 * transactions
 
 
 @pytest.mark.parametrize("key", ["race-key"])
@@ -149,31 +192,36 @@ async def test_concurrent_requests_with_one_idempotency_key_make_one_transfer(
 ) -> None:
     pooled = create_async_engine(settings.async_database_url, pool_size=8)
     service = make_ledger(pooled, settings)
-    a = (await service.open_account("a@example.com", "EUR", Decimal("100"))).id
-    b = (await service.open_account("b@example.com", "EUR", Decimal("0"))).id
+    owner = await account_holder(engine)
+    a = await funded_account(service, owner, Decimal("5.00"))
+    b = await funded_account(service, owner, Decimal("0"))
 
-    results = await asyncio.gather(*(service.transfer(TransferRequest(a, b, Decimal("5.00"), key)) for _ in range(8)))
+    results = await asyncio.gather(
+        *(service.transfer(TransferRequest(a, b, Decimal("5.00"), key), owner) for _ in range(8))
+    )
     await pooled.dispose()
 
-    assert len({r.transaction.id for r in results}) == 1
+    assert len({r.transaction.id for r in results}) == 1, "every retry answered with the original, none refused"
     assert sum(r.created for r in results) == 1
     async with engine.connect() as connection:
-        assert (await connection.execute(text("SELECT count(*) FROM outbox"))).scalar_one() == 2
+        assert (
+            await connection.execute(
+                text("SELECT count(*) FROM outbox WHERE transaction_id = :id"), {"id": results[0].transaction.id}
+            )
+        ).scalar_one() == 2
         balance = (
             await connection.execute(text("SELECT balance FROM accounts WHERE id = :id"), {"id": b})
         ).scalar_one()
     assert balance == Decimal("5.00")
 
 
-async def test_outbox_kwargs_survive_json(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
-    a = (
-        await client.post(
-            "/api/v1/accounts", json={"owner_email": "a@example.com", "currency": "EUR", "initial_balance": "10"}
-        )
-    ).json()
-    b = (await client.post("/api/v1/accounts", json={"owner_email": "b@example.com", "currency": "EUR"})).json()
+async def test_outbox_kwargs_survive_json(
+    client: httpx.AsyncClient, operator: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    a = await open_account(client, operator, "10")
+    b = await open_account(client, operator)
     await client.post(
-        "/api/v1/transactions/transfer", json={"from_account_id": a["id"], "to_account_id": b["id"], "amount": "0.01"}
+        "/api/v1/transactions/transfer", json={"from_account_id": a, "to_account_id": b, "amount": "0.01"}
     )
     async with engine.connect() as connection:
         for (kwargs,) in (await connection.execute(text("SELECT kwargs FROM outbox"))).all():

@@ -29,6 +29,8 @@ MONITORING = ("prometheus", "grafana")
 METRICS = {"api": ("API_METRICS_PORT", "api"), "relay": ("RELAY_METRICS_PORT", "relay")}
 METRICS["celery_worker"] = ("WORKER_METRICS_PORT", "worker")
 WORKER_COMMAND = ["celery", "-A", "worker.celery_app", "worker", "--loglevel=info"]
+# Variables .env.example lists for docker-compose.yml itself, which are no settings of the service.
+COMPOSE_ONLY = {"POSTGRES_ADMIN_PASSWORD", "FLOWER_BASIC_AUTH"}
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,45 @@ def test_postgres_has_a_health_check_and_a_volume(services: dict[str, dict[str, 
     assert any(volume.endswith(":/var/lib/postgresql/data") for volume in postgres["volumes"])
 
 
-def test_redis_is_durable_and_has_a_health_check(services: dict[str, dict[str, Any]]) -> None:
+def test_redis_is_durable_needs_a_password_and_has_a_health_check(services: dict[str, dict[str, Any]]) -> None:
     redis = services["redis"]
-    command = redis["command"]
+    assert redis["command"][:2] == ["sh", "-c"]
+    command = redis["command"][2].split()
+    assert command[:2] == ["exec", "redis-server"]
     assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--requirepass") + 1] == '"$$REDIS_PASSWORD"'
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
-    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]
+    assert "redis-cli ping" in redis["healthcheck"]["test"][1]
+    assert "ports" not in redis
+
+
+def test_no_password_has_a_default(services: dict[str, dict[str, Any]]) -> None:
+    """Every password compose passes on is `${VAR:?message}`: compose refuses to start without it."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for variable in ("POSTGRES_PASSWORD", "POSTGRES_ADMIN_PASSWORD", "REDIS_PASSWORD", "ADMIN_API_KEY"):
+        uses = re.findall(r"\$\{" + variable + r"([^}]*)\}", text)
+        assert uses, variable
+        assert all(use.startswith(":?") for use in uses), (variable, uses)
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_ADMIN_PASSWORD:?")
+    for line in _example_lines():
+        if re.match(r"^(POSTGRES_PASSWORD|POSTGRES_ADMIN_PASSWORD|REDIS_PASSWORD|ADMIN_API_KEY)=", line):
+            assert line.endswith("="), f".env.example ships a password: {line}"
+
+
+def test_the_service_connects_as_its_own_role_and_only_migrations_as_the_owner(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name in (*LONG_RUNNING, "flower"):
+        assert services[name]["environment"]["POSTGRES_USER"] == "outbox_service", name
+    assert services["migrate"]["environment"]["POSTGRES_USER"] == "postgres"
+    postgres = services["postgres"]
+    assert postgres["environment"]["SERVICE_DB_USER"] == "outbox_service"
+    assert "./deploy/postgres-init:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
+    script = (ROOT / "deploy" / "postgres-init" / "10-service-role.sh").read_text()
+    assert "NOSUPERUSER" in script
+    assert "IN ROLE outbox_app" in script
 
 
 def test_volumes_are_named_so_data_survives_a_recreate() -> None:
@@ -104,11 +139,20 @@ def test_every_app_process_shares_image_env_and_restart_policy(services: dict[st
         assert services[name]["restart"] == "unless-stopped", name
 
 
-def test_flower_is_optional(services: dict[str, dict[str, Any]]) -> None:
+def test_compose_only_variables_are_used_by_compose() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    for variable in COMPOSE_ONLY:
+        assert "${" + variable in text, variable
+
+
+def test_flower_is_optional_authenticated_and_on_loopback_only(services: dict[str, dict[str, Any]]) -> None:
     flower = services["flower"]
     assert flower["profiles"] == ["monitoring"]
-    assert flower["command"][:4] == ["celery", "-A", "worker.celery_app", "flower"]
-    assert any(port.endswith(":5555") for port in flower["ports"])
+    assert flower["command"][:2] == ["sh", "-c"]
+    script = flower["command"][2]
+    assert 'test -n "$$FLOWER_BASIC_AUTH" ||' in script
+    assert "exec celery -A worker.celery_app flower" in script
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]
     assert "profiles" not in services["celery_worker"]
 
 
@@ -179,7 +223,8 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
     if tool is None:
         pytest.skip("no docker-compose binary")
     (tmp_path / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
-    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+    secrets = "POSTGRES_PASSWORD=a\nPOSTGRES_ADMIN_PASSWORD=b\nREDIS_PASSWORD=c\nADMIN_API_KEY=" + "d" * 32 + "\n"
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text() + secrets)
     result = subprocess.run(
         [tool, "--profile", "monitoring", "config", "--quiet"],
         cwd=tmp_path,
@@ -234,12 +279,11 @@ def test_env_example_names_every_setting() -> None:
     named = {match.group(1) for line in _example_lines() if (match := re.match(r"^#?\s*([A-Z][A-Z0-9_]*)=", line))}
     expected = {(field.alias or name).upper() for name, field in Settings.model_fields.items()}
     assert expected - named == set(), "add these to .env.example"
-    assert named - expected == set(), "these are not settings (any more)"
+    assert named - expected == COMPOSE_ONLY, "these are not settings (any more)"
 
 
 def test_env_example_values_are_valid_and_the_defaults() -> None:
     example = Settings(_env_file=ROOT / ".env.example")
     defaults = Settings(_env_file=None)
     differing = {name for name in Settings.model_fields if getattr(example, name) != getattr(defaults, name)}
-    # The one deliberate exception: Compose's postgres image will not start without a password.
-    assert differing <= {"postgres_password"}
+    assert differing == set()

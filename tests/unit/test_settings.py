@@ -89,3 +89,71 @@ def test_nonsense_is_refused_naming_the_variable(env: dict[str, str], variable: 
     with pytest.raises(ValidationError) as error:
         _settings(env)
     assert variable.lower() in str(error.value).lower()
+
+
+SECRET = "s3cr3t-Pa55word-that-must-not-leak"
+
+
+def test_secrets_never_show_in_the_repr() -> None:
+    settings = _settings(
+        {
+            "POSTGRES_PASSWORD": SECRET,
+            "REDIS_PASSWORD": SECRET,
+            "SMTP_PASSWORD": SECRET,
+            "ADMIN_API_KEY": SECRET + "-long-enough-for-a-key",
+            "DATABASE_URL": f"postgresql://u:{SECRET}@db/app",
+            "CELERY_BROKER_URL": f"redis://:{SECRET}@redis:6379/0",
+            "CELERY_RESULT_BACKEND": f"redis://:{SECRET}@redis:6379/1",
+            "RATE_LIMIT_STORAGE_URL": f"redis://:{SECRET}@redis:6379/2",
+        }
+    )
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings)
+    assert SECRET not in str(settings.model_dump())
+    # ...while the processes still get what they need to connect.
+    assert SECRET in settings.async_database_url
+    assert SECRET in settings.celery_broker_url
+    assert SECRET in settings.rate_limit_storage
+    assert settings.admin_key == SECRET + "-long-enough-for-a-key"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DATABASE_URL": f"mysql://root:{SECRET}@localhost/db"}, "DATABASE_URL"),
+        ({"CELERY_BROKER_URL": f"kafka://u:{SECRET}@localhost"}, "CELERY_BROKER_URL"),
+        ({"RATE_LIMIT_STORAGE_URL": f"memcached://u:{SECRET}@localhost"}, "RATE_LIMIT_STORAGE_URL"),
+        ({"ADMIN_API_KEY": SECRET[:10]}, "ADMIN_API_KEY"),
+        ({"POSTGRES_PORT": SECRET}, "postgres_port"),
+    ],
+)
+def test_a_validation_error_names_the_variable_but_never_echoes_its_value(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        _settings(env)
+    assert variable.lower() in str(error.value).lower()
+    assert SECRET not in str(error.value)
+    assert SECRET[:10] not in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1e3", "10.001", "1_000", "ten", "١٢", "99999999999999999"])
+def test_max_transfer_amount_is_validated_at_start_up(value: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        _settings({"MAX_TRANSFER_AMOUNT": value})
+    assert "MAX_TRANSFER_AMOUNT" in str(error.value)
+
+
+def test_max_transfer_amount_accepts_an_exact_amount() -> None:
+    assert str(_settings({"MAX_TRANSFER_AMOUNT": "500.5"}).max_transfer_amount) == "500.5"
+
+
+@pytest.mark.parametrize("value", ["fast", "100/fortnight", "-1/second", ""])
+def test_rate_limit_must_be_in_limits_notation(value: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        _settings({"RATE_LIMIT": value})
+    assert "RATE_LIMIT" in str(error.value)
+
+
+def test_the_rate_limit_is_shared_through_the_brokers_redis_by_default() -> None:
+    assert _settings({"CELERY_BROKER_URL": "redis://b:6379/4"}).rate_limit_storage == "redis://b:6379/4"
+    assert _settings({"CELERY_BROKER_URL": "amqp://b//"}).rate_limit_storage == "redis://localhost:6379/0"
+    assert _settings({"RATE_LIMIT_STORAGE_URL": "memory://"}).rate_limit_storage == "memory://"
