@@ -22,7 +22,7 @@ from bench.environment import free_port, process, python, service_env
 from bench.stats import Figure
 from core.clients import key_hash, new_api_key
 
-VARIANTS = ("plain", "outbox", "naive", "noauth")
+VARIANTS = ("plain", "outbox", "naive", "noauth", "minimal")
 # Counted on every request, never reached: the bench measures the limiter's cost, not its refusals.
 RATE_LIMIT = "100000000/second"
 

@@ -25,6 +25,10 @@ def targets(figures: list[Figure], memory_backlogs: tuple[int, int]) -> list[Tar
         outbox, plain, naive = (_median(figures, f"{v} c={clients} rps") for v in ("outbox", "plain", "naive"))
         check(f"API c={clients}: outbox / no side effect, req/s", r := ratio(outbox, plain), ">= 0.85", r >= 0.85)
         check(f"API c={clients}: outbox / naive .delay(), req/s", r := ratio(outbox, naive), ">= 3", r >= 3)
+        minimal = _median(figures, f"minimal c={clients} rps")
+        check(
+            f"API c={clients}: endpoint / minimal app, same SQL, req/s", r := ratio(outbox, minimal), ">= 0.9", r >= 0.9
+        )
         p99 = ratio(_median(figures, f"outbox c={clients} p99_ms"), _median(figures, f"plain c={clients} p99_ms"))
         check(f"API c={clients}: outbox p99 / no side effect p99", p99, "<= 1.5", p99 <= 1.5)
         noauth = _median(figures, f"noauth c={clients} rps")

@@ -10,6 +10,8 @@
 - ``noauth``: the service without authentication: every request is taken to come from the
   bench's client (BENCH_CLIENT_ID), with no key lookup and no rate limit. ``outbox`` against it
   is what authentication costs.
+- ``minimal``: not the API at all, but bench/minimal_app.py: the transfer's exact SQL behind a
+  bare FastAPI + asyncpg app. ``outbox`` against it is what the endpoint costs per request.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.dependencies import authenticated
 from api.main import create_app
+from bench.minimal_app import from_environment
 from core.clients import Principal, Role
 from core.contract import TASK_NAMES, transfer_messages
 from core.ledger import Ledger, TransferRequest, TransferResult
@@ -69,6 +72,8 @@ def _without_authentication() -> FastAPI:
 
 
 def create_variant(variant: str) -> FastAPI:
+    if variant == "minimal":
+        return from_environment()
     if variant == "outbox":
         return create_app()
     if variant == "noauth":
@@ -77,7 +82,7 @@ def create_variant(variant: str) -> FastAPI:
         return create_app(ledger=_plain)
     if variant == "naive":
         return create_app(ledger=NaiveLedger)
-    raise ValueError(f"BENCH_VARIANT must be outbox, plain, naive or noauth, not {variant!r}")
+    raise ValueError(f"BENCH_VARIANT must be outbox, plain, naive, noauth or minimal, not {variant!r}")
 
 
 app = create_variant(os.environ.get("BENCH_VARIANT", "outbox"))

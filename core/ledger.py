@@ -159,7 +159,8 @@ DELETE FROM idempotency_keys WHERE (client_id, key) IN (
 )
 """
 
-_LOCK_ACCOUNTS = """
+# The transfer's statements (public: bench/minimal_app.py runs exactly these as its yardstick).
+LOCK_ACCOUNTS = """
 SELECT id, client_id, owner_email, currency, balance FROM accounts
 WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
@@ -174,7 +175,7 @@ INSERT INTO transactions (id, kind, from_account_id, to_account_id, amount, curr
 VALUES ($1, '{TRANSFER}', $2, $3, $4, $5, $6, $7)"""
 _MOVE_AND_RECORD = f"WITH {_MOVED}{_INSERT_TRANSACTION}"
 # The same, plus the transfer's outbox rows: the outbox costs the API only the rows it writes.
-_MOVE_AND_RECORD_WITH_OUTBOX = f"WITH {_MOVED}, recorded AS ({_INSERT_TRANSACTION}\n)" + outbox.insert_messages_sql(
+MOVE_AND_RECORD_WITH_OUTBOX = f"WITH {_MOVED}, recorded AS ({_INSERT_TRANSACTION}\n)" + outbox.insert_messages_sql(
     first_param=8, transaction_param=1
 )
 
@@ -331,7 +332,7 @@ async def _move_money(
     if request.from_account_id == request.to_account_id:
         raise InvalidTransfer("from_account_id and to_account_id must differ")
     ids = sorted([request.from_account_id, request.to_account_id])
-    accounts = {row["id"]: row for row in await connection.fetch(_LOCK_ACCOUNTS, ids)}
+    accounts = {row["id"]: row for row in await connection.fetch(LOCK_ACCOUNTS, ids)}
     source = accounts.get(request.from_account_id)
     if source is None or source["client_id"] != caller.id:
         raise AccountNotFound(f"account {request.from_account_id} does not exist")
@@ -366,7 +367,7 @@ async def _move_money(
         return facts
     messages = side_effects(facts)
     message_ids = [uuid.uuid4() for _ in messages]
-    await connection.execute(_MOVE_AND_RECORD_WITH_OUTBOX, *values, *outbox.message_arguments(message_ids, messages))
+    await connection.execute(MOVE_AND_RECORD_WITH_OUTBOX, *values, *outbox.message_arguments(message_ids, messages))
     return facts
 
 
