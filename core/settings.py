@@ -7,12 +7,15 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _POSTGRES_SCHEMES = {"postgresql", "postgresql+asyncpg", "postgres", "postgresql+psycopg"}
 _BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory"}
 _BACKEND_SCHEMES = {"redis", "rediss", "rpc", "cache+memory", "db+postgresql"}
+# RELAY_IDLE_TRANSACTION_TIMEOUT's default, in multiples of RELAY_PUBLISH_TIMEOUT: a healthy batch
+# keeps its transaction open while it waits for the broker, up to one publish timeout.
+IDLE_TRANSACTION_MULTIPLE = 3
 
 
 def _scheme_of(url: str) -> str:
@@ -80,6 +83,8 @@ class Settings(BaseSettings):
     relay_completion_deadline: float = Field(600.0, gt=0)
     relay_reconcile_interval: float = Field(30.0, gt=0)
     relay_max_republishes: int = Field(5, ge=0)
+    # Not set: IDLE_TRANSACTION_MULTIPLE x RELAY_PUBLISH_TIMEOUT (filled in by the validator below).
+    relay_idle_transaction_timeout: float | None = Field(None, gt=0)
 
     log_level: str = "INFO"
     log_json: bool = True
@@ -104,6 +109,23 @@ class Settings(BaseSettings):
         if value is not None and _scheme_of(value) not in _BACKEND_SCHEMES:
             raise ValueError(f"CELERY_RESULT_BACKEND has unknown scheme {_scheme_of(value)!r}")
         return value
+
+    @model_validator(mode="after")
+    def _idle_transaction_timeout_above_publish_timeout(self) -> Settings:
+        publish = self.relay_publish_timeout
+        if self.relay_idle_transaction_timeout is None:
+            self.relay_idle_transaction_timeout = IDLE_TRANSACTION_MULTIPLE * publish
+        elif self.relay_idle_transaction_timeout <= publish:
+            raise ValueError(
+                f"RELAY_IDLE_TRANSACTION_TIMEOUT ({self.relay_idle_transaction_timeout}) must be longer than "
+                f"RELAY_PUBLISH_TIMEOUT ({publish}): a batch's transaction stays open while it publishes"
+            )
+        return self
+
+    @property
+    def relay_idle_transaction_timeout_s(self) -> float:
+        """RELAY_IDLE_TRANSACTION_TIMEOUT in seconds, its default applied."""
+        return self.relay_idle_transaction_timeout or IDLE_TRANSACTION_MULTIPLE * self.relay_publish_timeout
 
     @property
     def async_database_url(self) -> str:
