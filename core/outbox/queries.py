@@ -361,46 +361,113 @@ FROM task_runs WHERE task_id = $1
 
 async def stored_run(connection: Connection, task_id: str) -> StoredRun | None:
     """The task id's record, or None if no delivery has recorded anything."""
-    row = await connection.fetchrow(_STORED_RUN, task_id)
+    return _stored(await connection.fetchrow(_STORED_RUN, task_id))
+
+
+def _stored(row: asyncpg.Record | None) -> StoredRun | None:
     if row is None:
         return None
     result = json.loads(row["result"]) if row["result"] is not None else None
     return StoredRun(RunState(row["state"]), result, float(row["lease_left"] or 0.0))
 
 
+# One round trip at the start of every delivery: record on the outbox row that a delivery started
+# and until when it counts as alive (the reconciler leaves a started row alone until then), and
+# read the task id's record, so a duplicate returns before doing any work. Only unfinished rows
+# are touched; none of these columns is indexed, so the update is a cheap HOT update.
+_START_DELIVERY = f"""
+WITH started AS (
+    UPDATE outbox
+    SET delivery_started_at = now(), delivery_lease_until = now() + make_interval(secs => $3),
+        deliveries = deliveries + 1
+    WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}')
+)
+SELECT state, result::text AS result, GREATEST(EXTRACT(EPOCH FROM lease_until - now()), 0)::float8 AS lease_left
+FROM task_runs WHERE task_id = $2
+"""
+
+
+async def start_delivery(
+    connection: Connection, outbox_id: UUID, task_id: str, lease_seconds: float
+) -> StoredRun | None:
+    """Record that a delivery of the row's message starts, alive for `lease_seconds`; return the
+    task id's record (None if no delivery recorded anything).
+
+    Waits for the outbox row's lock (a relay commits its batch in milliseconds): the caller's
+    lock_timeout bounds the wait, and asyncpg.LockNotAvailableError then means nothing was written.
+    """
+    row = await connection.fetchrow(_START_DELIVERY, outbox_id, task_id, float(lease_seconds))
+    return _stored(row)
+
+
+_EXTEND_DELIVERY = f"""
+UPDATE outbox SET delivery_lease_until = GREATEST(delivery_lease_until, now() + make_interval(secs => $2))
+WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}') AND delivery_started_at IS NOT NULL
+"""
+
+
+async def extend_delivery(connection: Connection, outbox_id: UUID, seconds: float) -> None:
+    """Keep a started delivery alive for at least `seconds` more (a retry waiting for its countdown)."""
+    await connection.execute(_EXTEND_DELIVERY, outbox_id, float(seconds))
+
+
 # Take the lease if nobody has it, or take over one whose holder outlived it (a crashed worker).
+# Each lease gets a fresh fencing token; only its holder can release or finish it. Taking it also
+# counts a send whose outcome is unknown until the holder finishes or proves nothing was sent.
 _CLAIM_LEASE = f"""
-INSERT INTO task_runs (task_id, task_name, state, lease_until)
-VALUES ($1, $2, '{RunState.RUNNING}', now() + make_interval(secs => $3))
+INSERT INTO task_runs (task_id, task_name, state, lease_until, lease_token, sends_in_doubt)
+VALUES ($1, $2, '{RunState.RUNNING}', now() + make_interval(secs => $3), gen_random_uuid(), 1)
 ON CONFLICT (task_id) DO UPDATE
-    SET lease_until = EXCLUDED.lease_until, started_at = now()
+    SET lease_until = EXCLUDED.lease_until, lease_token = EXCLUDED.lease_token, started_at = now(),
+        sends_in_doubt = task_runs.sends_in_doubt + 1
     WHERE task_runs.state = '{RunState.RUNNING}' AND task_runs.lease_until < now()
+RETURNING lease_token
+"""
+
+
+async def claim_lease(connection: Connection, task_id: str, task_name: str, seconds: float) -> UUID | None:
+    """Take the lease on making this task id's effect for `seconds` (database clock).
+
+    Returns the lease's fencing token, or None if another delivery holds a live lease or the
+    effect is already recorded.
+    """
+    token: UUID | None = await connection.fetchval(_CLAIM_LEASE, task_id, task_name, float(seconds))
+    return token
+
+
+_RELEASE_LEASE = f"""
+UPDATE task_runs
+SET lease_until = now(), lease_token = NULL,
+    sends_in_doubt = sends_in_doubt - CASE WHEN $3 THEN 0 ELSE 1 END
+WHERE task_id = $1 AND state = '{RunState.RUNNING}' AND lease_token = $2
 RETURNING task_id
 """
 
 
-async def claim_lease(connection: Connection, task_id: str, task_name: str, seconds: float) -> bool:
-    """Take the lease on making this task id's effect for `seconds`. True if this call has it."""
-    return await connection.fetchval(_CLAIM_LEASE, task_id, task_name, float(seconds)) is not None
+async def release_lease(connection: Connection, task_id: str, token: UUID, *, maybe_sent: bool) -> bool:
+    """End the lease `token` holds now, so the next delivery need not wait for it to run out.
 
-
-_RELEASE_LEASE = f"UPDATE task_runs SET lease_until = now() WHERE task_id = $1 AND state = '{RunState.RUNNING}'"
-
-
-async def release_lease(connection: Connection, task_id: str) -> None:
-    """End a running lease now, so that the next delivery need not wait for it to run out."""
-    await connection.execute(_RELEASE_LEASE, task_id)
+    `maybe_sent=False` says the send certainly did not happen. Does nothing (returns False) if the
+    lease ran out and another delivery took it over: a stale holder cannot end its successor's lease.
+    """
+    return await connection.fetchval(_RELEASE_LEASE, task_id, token, maybe_sent) is not None
 
 
 _FINISH_RUN = f"""
-UPDATE task_runs SET state = '{RunState.DONE}', result = $2::text::jsonb, lease_until = NULL, finished_at = now()
-WHERE task_id = $1
+UPDATE task_runs SET state = '{RunState.DONE}', result = $3::text::jsonb, lease_until = NULL, lease_token = NULL,
+    finished_at = now()
+WHERE task_id = $1 AND state = '{RunState.RUNNING}' AND lease_token = $2
+RETURNING task_id
 """
 
 
-async def finish_run(connection: Connection, task_id: str, result: dict[str, Any]) -> None:
-    """Record the leased effect as made, with the result later deliveries return."""
-    await connection.execute(_FINISH_RUN, task_id, json.dumps(result))
+async def finish_run(connection: Connection, task_id: str, token: UUID, result: dict[str, Any]) -> bool:
+    """Record the leased effect as made, with the result later deliveries return.
+
+    Acts only on the lease `token` holds: returns False (nothing written) if that lease was
+    taken over by another delivery or the effect was recorded by another delivery.
+    """
+    return await connection.fetchval(_FINISH_RUN, task_id, token, json.dumps(result)) is not None
 
 
 _COMPLETE = f"""

@@ -92,6 +92,18 @@ async def _mark_poison_dead(db: asyncpg.Connection, rows: Rows) -> None:
         await queries.mark_dead(db, [(row_id, "poison") for row_id in [r.id for r in claimed] + list(rows.values())])
 
 
+async def _start_each(db: asyncpg.Connection, rows: Rows) -> None:
+    for row_id in rows.values():
+        await queries.start_delivery(db, row_id, str(row_id), 60)
+
+
+async def _extend_each(db: asyncpg.Connection, rows: Rows) -> None:
+    await _start_each(db, rows)
+    await db.execute("TRUNCATE seen_transitions")
+    for row_id in rows.values():
+        await queries.extend_delivery(db, row_id, 120)
+
+
 async def _complete_each(db: asyncpg.Connection, rows: Rows) -> None:
     for row_id in rows.values():
         await queries.complete(db, row_id)
@@ -122,6 +134,8 @@ OPERATIONS: dict[str, tuple[Callable[[asyncpg.Connection, Rows], Awaitable[None]
     "reconcile_published, message gone": (_reconcile(5), {(S.PUBLISHED, S.PENDING)}),
     "reconcile_published, re-publishes used up": (_reconcile(0), {(S.PUBLISHED, S.DEAD)}),
     "reconcile_published, effect recorded": (_reconcile(5, record_effects=True), {(S.PUBLISHED, S.COMPLETED)}),
+    "start_delivery": (_start_each, {(S.PENDING, S.PENDING), (S.PUBLISHED, S.PUBLISHED)}),
+    "extend_delivery": (_extend_each, {(S.PENDING, S.PENDING), (S.PUBLISHED, S.PUBLISHED)}),
     "complete": (_complete_each, {(s, S.COMPLETED) for s in ALL_OUTBOX_STATES if s != S.COMPLETED}),
     "fail": (_fail_each, {(S.PENDING, S.FAILED), (S.PUBLISHED, S.FAILED)}),
     "replay ids": (_replay_ids, {(S.DEAD, S.PENDING), (S.FAILED, S.PENDING)}),
