@@ -30,11 +30,14 @@ class Plan:
     rates: list[int]
     latency_seconds: float
     capacity_transfers: int
+    backoff_rows: int
+    backoff_seconds: float
 
 
-FULL = Plan([1, 16, 64], 8.0, 3, 100_000, 20_000, (100_000, 1_000_000), [200, 1000], 5.0, 600)
-QUICK = Plan([16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30)
-SCENARIOS = ("api", "throughput", "latency", "memory", "worker")
+FULL = Plan([1, 16, 64], 8.0, 3, 100_000, 20_000, (100_000, 1_000_000), [200, 1000], 5.0, 600, 100_000, 15.0)
+# The backoff scenario fills 100,000 rows in about a second and measures for a few: cheap enough here.
+QUICK = Plan([16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30, 100_000, 4.0)
+SCENARIOS = ("api", "throughput", "latency", "memory", "worker", "backoff")
 
 
 def main() -> None:
@@ -82,6 +85,15 @@ def main() -> None:
             small, large = plan.memory_backlogs
             figures += relay_scenarios.relay_memory(
                 database_url, redis_url, workdir, small=small, large=large, repeats=plan.repeats
+            )
+        if "backoff" in args.only:
+            figures += relay_scenarios.relay_cpu_in_backoff(
+                database_url,
+                redis_url,
+                workdir,
+                rows=plan.backoff_rows,
+                seconds=plan.backoff_seconds,
+                repeats=plan.repeats,
             )
         if "worker" in args.only:
             figures += relay_scenarios.worker_capacity(
