@@ -78,7 +78,8 @@ async def relay_batch(
             for row, outcome in zip(sendable, outcomes, strict=True)
             if isinstance(outcome, Refused)
         ]
-        unsent = [outcome.error for outcome in outcomes if isinstance(outcome, Unsent)]
+        unsent = [outcome for outcome in outcomes if isinstance(outcome, Unsent)]
+        unreachable = next((outcome.error for outcome in unsent if outcome.broker_down), None)
         await mark_dead(connection, [(row.id, reason) for row, reason in poison])
         await mark_published(connection, published)
         states = await record_failures(connection, failures, settings.relay_max_attempts)
@@ -88,7 +89,7 @@ async def relay_batch(
             len(failures),
             sum(state == OutboxState.DEAD for state, _ in states.values()),
             round((time.perf_counter() - started) * 1000, 2),
-            unsent[0] if unsent else None,
+            unreachable,
             len(poison),
         )
         if before_commit is not None:

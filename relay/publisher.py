@@ -41,9 +41,11 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Unsent:
-    """The broker could not be reached: no attempt is counted, the row waits for the broker."""
+    """Not handed to the broker, and no attempt counted. With `broker_down` (the broker could not be
+    reached) the relay waits for the broker; without, the row simply goes in a later batch."""
 
     error: str
+    broker_down: bool = True
 
 
 # One publish outcome per row, in order: None when the broker accepted it.
@@ -137,10 +139,15 @@ class RedisBatchPublisher:
 class SendTaskPublisher:
     """Celery's send_task per row, in a worker thread, for brokers without a batch path."""
 
-    def __init__(self, app: Celery, queue: str, timeout: float) -> None:
+    def __init__(self, app: Celery, queue: str, timeout: float, batch_budget: float | None = None) -> None:
         self._app = app
         self._queue = queue
         self._timeout = timeout
+        # A batch's transaction stays open while it publishes, and PostgreSQL ends a session idle in
+        # it for RELAY_IDLE_TRANSACTION_TIMEOUT: a batch slower than that (a large one, a slow broker)
+        # would be rolled back and published again, forever. Rows not sent within the budget are
+        # left for the next batch instead.
+        self._budget = batch_budget
         # One thread: publishes stay in claim order, and a hung call blocks only publishing.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-send-task")
 
@@ -150,18 +157,24 @@ class SendTaskPublisher:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self._publish_all, rows, outcomes, give_up)
         done_before = -1
+        ends = loop.time() + self._budget if self._budget is not None else float("inf")
         # The timeout applies to progress, not to the batch: it fires only if no row completes
         # within it, however large the batch.
+        timed_out = Unsent(f"broker unavailable: publish timed out after {self._timeout:g}s")
         while True:
-            finished, _ = await asyncio.wait({future}, timeout=self._timeout)
+            wait = min(self._timeout, max(ends - loop.time(), 0.0))
+            finished, _ = await asyncio.wait({future}, timeout=wait)
             done_now = sum(1 for o in outcomes if o is not PENDING)
-            if finished or done_now == done_before:
+            if finished:
+                break
+            if loop.time() >= ends:
+                timed_out = Unsent(f"not sent within the batch's {self._budget:g}s budget", broker_down=False)
+                break
+            if done_now == done_before:  # no progress within the timeout: the broker does not answer
                 break
             done_before = done_now
         if not future.done():
             give_up.set()
-        # No progress within the timeout: the broker does not answer, which is not the rows' fault.
-        timed_out = Unsent(f"broker unavailable: publish timed out after {self._timeout:g}s")
         return [timed_out if o is PENDING else o for o in list(outcomes)]  # type: ignore[misc]
 
     def _publish_all(
@@ -229,4 +242,5 @@ def create_publisher(settings: Settings) -> Publisher:
     broker_url = settings.celery_broker_url
     if settings.relay_fast_publish and urlsplit(broker_url).scheme in ("redis", "rediss"):
         return RedisBatchPublisher(app, broker_url, settings.celery_task_queue, settings.relay_publish_timeout)
-    return SendTaskPublisher(app, settings.celery_task_queue, settings.relay_publish_timeout)
+    budget = settings.relay_idle_transaction_timeout_s / 2
+    return SendTaskPublisher(app, settings.celery_task_queue, settings.relay_publish_timeout, budget)

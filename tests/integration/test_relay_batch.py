@@ -33,6 +33,7 @@ from relay.db import connect
 from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, create_publisher
 from relay.reconciler import order_margin, reconcile
 from tests.relays import PrivateRedis, new_queue, queued_messages
+from tests.workers import insert_outbox_row, start_worker, worker_env, worker_settings
 
 INSERT = "INSERT INTO outbox (id, task_name, kwargs, created_at) VALUES ($1, $2, $3::jsonb, $4)"
 
@@ -534,3 +535,50 @@ async def test_send_task_publisher_matches_the_celery_app_settings(relay_setting
     assert app.conf.task_default_queue == relay_settings.celery_task_queue
     assert app.conf.task_serializer == "json"
     assert app.conf.task_publish_retry is False
+
+
+async def test_a_send_task_batch_longer_than_its_budget_leaves_the_rest_for_the_next_batch(
+    relay_settings: Settings, db: asyncpg.Connection, broker: PrivateRedis
+) -> None:
+    settings = relay_settings.model_copy(update={"relay_fast_publish": False, "relay_batch_size": 2000})
+    slow = SendTaskPublisher(create_celery_app(settings), settings.celery_task_queue, 1.0, batch_budget=0.2)
+    await insert_rows(db, 2000)
+    try:
+        result = await relay_batch(db, slow, settings)
+    finally:
+        await slow.close()
+    assert result.unreachable is None  # a slow batch is not an outage
+    assert 0 < result.published < 2000
+    rows = await states(db)
+    left = [r for r in rows.values() if r["state"] == OutboxState.PENDING]
+    assert len(left) == 2000 - result.published
+    assert {(r["attempts"], r["last_error"]) for r in left} == {(0, None)}
+
+
+async def test_the_inspector_sees_the_messages_a_real_worker_holds(
+    settings: Settings, engine: AsyncEngine, broker: PrivateRedis
+) -> None:
+    queue = new_queue()
+    held = worker_settings(
+        settings.async_database_url,
+        broker.url,
+        celery_task_queue=queue,
+        audit_write_delay=3.0,
+        celery_task_time_limit=10,
+        celery_task_soft_time_limit=9,
+        smtp_timeout=5,
+        celery_visibility_timeout=30,
+        celery_retry_backoff_max=5,
+    )
+    audit_id = await insert_outbox_row(engine, "audit_log_transaction", {})
+    inspector = create_inspector(held)
+    client = create_celery_app(held)
+    try:
+        with start_worker(worker_env(held), queue=queue) as worker:
+            client.send_task("audit_log_transaction", kwargs={"transaction_id": "t", "data": {}}, task_id=audit_id)
+            await asyncio.to_thread(worker.wait_for_log, "audit_log_transaction transaction_id=t")
+            observed = await inspector.observe()
+    finally:
+        await inspector.close()
+        client.close()
+    assert observed == QueueObservation(empty=True, held=frozenset({uuid.UUID(audit_id)}))
