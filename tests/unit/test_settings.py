@@ -87,3 +87,11 @@ def test_nonsense_is_refused_naming_the_variable(env: dict[str, str], variable: 
     with pytest.raises(ValidationError) as error:
         _settings(env)
     assert variable.lower() in str(error.value).lower()
+
+
+def test_the_idle_transaction_timeout_defaults_to_three_publish_timeouts_and_must_exceed_one() -> None:
+    assert _settings({}).relay_idle_transaction_timeout == 15.0
+    assert _settings({"RELAY_PUBLISH_TIMEOUT": "2"}).relay_idle_transaction_timeout_s == 6.0
+    assert _settings({"RELAY_IDLE_TRANSACTION_TIMEOUT": "30"}).relay_idle_transaction_timeout_s == 30.0
+    with pytest.raises(ValidationError, match=r"RELAY_IDLE_TRANSACTION_TIMEOUT .* must be longer than RELAY_PUBLISH"):
+        _settings({"RELAY_IDLE_TRANSACTION_TIMEOUT": "5", "RELAY_PUBLISH_TIMEOUT": "5"})
