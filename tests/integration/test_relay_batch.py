@@ -432,6 +432,7 @@ async def test_a_started_delivery_is_republished_only_once_its_lease_ran_out(
     rows = await states(db)
     assert rows[alive]["state"] == OutboxState.PUBLISHED
     row = await db.fetchrow("SELECT state, delivery_started_at, delivery_lease_until FROM outbox WHERE id = $1", dead)
+    assert row is not None
     assert (row["state"], row["delivery_started_at"], row["delivery_lease_until"]) == (OutboxState.PENDING, None, None)
 
 
