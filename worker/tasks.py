@@ -270,8 +270,13 @@ def _record_sent(task: OutboxTask, token: uuid.UUID, result: dict[str, Any]) -> 
 
 
 def _lost_lease(task: OutboxTask, result: dict[str, Any]) -> dict[str, Any]:
+    """The send happened, but this delivery's lease was no longer its own when it came to record it."""
     task_id = task.request.id
-    stored = task.database.run(partial(stored_result, task_id=task_id))
+    try:
+        stored = task.database.run(partial(stored_result, task_id=task_id))
+    except Exception:  # the email went out: this task succeeded whatever the record says
+        logger.warning("could not read the email's record", exc_info=True, extra={"task_id": task_id})
+        stored = None
     if stored is None:
         # Our lease ran out while we sent and another delivery took it over: it sends too.
         logger.warning(

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 
 import asyncpg
@@ -583,3 +584,33 @@ async def test_the_inspector_sees_the_messages_a_real_worker_holds(
         await inspector.close()
         client.close()
     assert observed == QueueObservation(empty=True, held=frozenset({uuid.UUID(audit_id)}))
+
+
+@pytest.fixture
+def amqp_settings(relay_settings: Settings) -> Iterator[Settings]:
+    url = os.environ.get("TEST_AMQP_URL")
+    if not url:
+        pytest.skip("TEST_AMQP_URL is not set (e.g. amqp://guest:guest@127.0.0.1:5672//)")
+    settings = relay_settings.model_copy(update={"celery_broker_url_override": url, "celery_task_queue": new_queue()})
+    yield settings
+    with create_celery_app(settings).connection_for_write() as connection:
+        connection.default_channel.queue_delete(settings.celery_task_queue)
+
+
+async def test_a_rabbitmq_queue_is_inspected_by_its_ready_message_count(
+    amqp_settings: Settings, db: asyncpg.Connection
+) -> None:
+    inspector = create_inspector(amqp_settings)
+    publisher = create_publisher(amqp_settings)
+    try:
+        assert await inspector.observe() == QueueObservation(empty=None, held=None)  # no such queue yet
+        await insert_rows(db, 3)
+        assert (await relay_batch(db, publisher, amqp_settings)).published == 3
+        assert await publisher.probe() is None
+        assert await inspector.observe() == QueueObservation(empty=False, held=None)
+        with create_celery_app(amqp_settings).connection_for_write() as connection:
+            connection.default_channel.queue_purge(amqp_settings.celery_task_queue)
+        assert await inspector.observe() == QueueObservation(empty=True, held=None)
+    finally:
+        await publisher.close()
+        await inspector.close()
