@@ -34,6 +34,8 @@ class Plan:
     capacity_seconds: float
     capacity_configurations: list[tuple[capacity.Delays, int, bool]]
     worker_cost_tasks: int
+    backoff_rows: int
+    backoff_seconds: float
 
 
 _EVERY_PIPELINE = [
@@ -58,11 +60,29 @@ FULL = Plan(
     15.0,
     _EVERY_PIPELINE,
     4000,
+    100_000,
+    15.0,
 )
+# The backoff scenario fills 100,000 rows in about a second and measures for a few: cheap enough here
+# (the quick run measures only the broker-down figure).
 QUICK = Plan(
-    [16], 1.0, 1, 10_000, 1_000, (5_000, 25_000), [200], 1.0, 30, [50, 150], 5.0, [(capacity.ZERO, 1, False)], 1000
+    [16],
+    1.0,
+    1,
+    10_000,
+    1_000,
+    (5_000, 25_000),
+    [200],
+    1.0,
+    30,
+    [50, 150],
+    5.0,
+    [(capacity.ZERO, 1, False)],
+    1000,
+    100_000,
+    3.0,
 )
-SCENARIOS = ("api", "throughput", "latency", "memory", "worker", "worker-cost", "capacity")
+SCENARIOS = ("api", "throughput", "latency", "memory", "worker", "backoff", "worker-cost", "capacity")
 
 
 def main() -> None:
@@ -110,6 +130,16 @@ def main() -> None:
             small, large = plan.memory_backlogs
             figures += relay_scenarios.relay_memory(
                 database_url, redis_url, workdir, small=small, large=large, repeats=plan.repeats
+            )
+        if "backoff" in args.only:
+            figures += relay_scenarios.relay_cpu_in_backoff(
+                database_url,
+                redis_url,
+                workdir,
+                rows=plan.backoff_rows,
+                seconds=plan.backoff_seconds,
+                repeats=plan.repeats,
+                broker_up=not args.quick,
             )
         if "worker" in args.only:
             figures += relay_scenarios.worker_capacity(

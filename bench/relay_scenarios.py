@@ -11,10 +11,11 @@ import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
 import redis
 
 from bench.backlog import count_by_state, fill_backlog, on_database
-from bench.environment import process, python, service_env
+from bench.environment import free_port, process, python, service_env
 from bench.loadgen import percentile
 from bench.stats import Figure
 from core.outbox import queries
@@ -253,6 +254,39 @@ def _wait_completed(database_url: str, expected: int, timeout: float) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"worker did not complete {expected} tasks within {timeout}s")
+
+
+def _cpu_share(pid: int, seconds: float) -> float:
+    """The process's CPU time (user + system) over the next `seconds`, in % of one core."""
+    measured = psutil.Process(pid)
+    cpu, wall = float(sum(measured.cpu_times()[:2])), time.monotonic()
+    time.sleep(seconds)
+    return 100 * (float(sum(measured.cpu_times()[:2])) - cpu) / (time.monotonic() - wall)
+
+
+def relay_cpu_in_backoff(
+    database_url: str, redis_url: str, workdir: Path, *, rows: int, seconds: float, repeats: int, broker_up: bool
+) -> list[Figure]:
+    """The relay's CPU while `rows` pending rows wait in backoff: with the broker down (500 more rows
+    due, which find it unreachable), and, with `broker_up`, with the broker up (nothing due: only
+    the idle polls, whose claims must not read the rows in backoff)."""
+    down = Figure("relay-backoff", f"relay CPU, broker down, {rows:,} rows in backoff", "% of one core")
+    idle = Figure("relay-backoff", f"relay CPU, broker up, {rows:,} rows in backoff", "% of one core")
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    variants = [(down, unreachable, 500), (idle, redis_url, 0)][: 2 if broker_up else 1]
+    for _ in range(repeats):
+        for figure, broker, due_now in variants:
+            asyncio.run(fill_backlog(database_url, rows, due_in=3600, due_now=due_now))
+            clear_queue(redis_url)
+            log = workdir / f"backoff-{len(figure.values)}-{'down' if due_now else 'up'}.log"
+            with process(relay_command(), _env(database_url, broker), log=log) as relay:
+                _wait_for_log(log, "relay.broker_unreachable" if due_now else "relay.connected")
+                time.sleep(1)  # past the first probes' short backoff steps
+                figure.values.append(_cpu_share(relay.pid, seconds))
+            if due_now and asyncio.run(count_by_state(database_url))["dead"]:
+                raise RuntimeError("rows died while the broker was down")
+    clear_queue(redis_url)
+    return [figure for figure, _, _ in variants]
 
 
 def median_or_nan(values: list[float]) -> float:

@@ -63,6 +63,10 @@ def targets(figures: list[Figure], memory_backlogs: tuple[int, int]) -> list[Tar
         _median(figures, "no-op task, same Celery config, CPU per task"),
     )
     check("worker CPU per task: the two tasks / no-op", cost, "<= 1.3", cost <= 1.3)
+    for figure in figures:
+        if figure.name.startswith("relay CPU, broker down"):
+            rows = figure.name.split(", ")[2]
+            check(f"relay CPU, broker down, {rows}, % of one core", figure.median, "< 5", figure.median < 5)
     small, large = memory_backlogs
     memory = ratio(_median(figures, f"peak RSS, {large:,} backlog"), _median(figures, f"peak RSS, {small:,} backlog"))
     check(f"relay peak RSS {large:,} / {small:,} backlog", memory, "<= 1.2", memory <= 1.2)

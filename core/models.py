@@ -131,10 +131,14 @@ class Outbox(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         CheckConstraint(f"state IN ({_STATES})", name="state_known"),
-        # The relay's claim: pending rows, oldest first.
-        Index("ix_outbox_pending", "created_at", postgresql_where=text("state = 'pending'")),
+        # The relay's claim: pending rows in the order they fall due. The claim filters and orders
+        # on next_attempt_at, so rows waiting in backoff (due later) cost it nothing: it reads at
+        # most a batch of index entries, however large the backlog.
+        Index("ix_outbox_due", "next_attempt_at", "created_at", postgresql_where=text("state = 'pending'")),
         # The reconciler's scan: published rows not yet completed, oldest first.
         Index("ix_outbox_published", "published_at", postgresql_where=text("state = 'published'")),
+        # `purge` (oldest completions first) and the reconciler's look at the latest completions.
+        Index("ix_outbox_completed", "completed_at", postgresql_where=text("state = 'completed'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -151,6 +155,12 @@ class Outbox(Base):
     created_at: Mapped[datetime] = _now_column()
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set by the worker when a delivery of the message starts, with the time until which that
+    # delivery counts as alive; the reconciler re-publishes a started row only once its lease ran
+    # out. Not indexed, so that recording them is a HOT update.
+    delivery_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivery_lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deliveries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
 
 
 class AuditLog(Base):
@@ -174,5 +184,10 @@ class TaskRun(Base):
     state: Mapped[str] = mapped_column(String(16), nullable=False)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The fencing token of the current lease: release and finish act only with it.
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    # Email sends whose outcome is unknown: +1 when a lease is taken to send, -1 when that send
+    # failed in a way that proves the mail server did not accept the message.
+    sends_in_doubt: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     started_at: Mapped[datetime] = _now_column()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -19,6 +19,9 @@ _BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory"}
 _BACKEND_SCHEMES = {"redis", "rediss", "rpc", "cache+memory", "db+postgresql"}
 _RATE_LIMIT_SCHEMES = {"redis", "rediss", "memory"}
 MIN_ADMIN_KEY_LENGTH = 32
+# RELAY_IDLE_TRANSACTION_TIMEOUT's default, in multiples of RELAY_PUBLISH_TIMEOUT: a healthy batch
+# keeps its transaction open while it waits for the broker, up to one publish timeout.
+IDLE_TRANSACTION_MULTIPLE = 3
 
 
 def _scheme_of(url: str) -> str:
@@ -120,6 +123,8 @@ class Settings(BaseSettings):
     relay_completion_deadline: float = Field(600.0, gt=0)
     relay_reconcile_interval: float = Field(30.0, gt=0)
     relay_max_republishes: int = Field(5, ge=0)
+    # Not set: IDLE_TRANSACTION_MULTIPLE x RELAY_PUBLISH_TIMEOUT (filled in by the validator below).
+    relay_idle_transaction_timeout: float | None = Field(None, gt=0)
 
     # Metrics: the port each process serves Prometheus's /metrics on (0: no metrics at all)
     api_metrics_port: int = Field(9100, ge=0, le=65535)
@@ -192,6 +197,23 @@ class Settings(BaseSettings):
         if self.api_metrics_port and self.api_metrics_port == self.api_port:
             raise ValueError(f"API_METRICS_PORT must differ from API_PORT ({self.api_port}); 0 turns metrics off")
         return self
+
+    @model_validator(mode="after")
+    def _idle_transaction_timeout_above_publish_timeout(self) -> Settings:
+        publish = self.relay_publish_timeout
+        if self.relay_idle_transaction_timeout is None:
+            self.relay_idle_transaction_timeout = IDLE_TRANSACTION_MULTIPLE * publish
+        elif self.relay_idle_transaction_timeout <= publish:
+            raise ValueError(
+                f"RELAY_IDLE_TRANSACTION_TIMEOUT ({self.relay_idle_transaction_timeout}) must be longer than "
+                f"RELAY_PUBLISH_TIMEOUT ({publish}): a batch's transaction stays open while it publishes"
+            )
+        return self
+
+    @property
+    def relay_idle_transaction_timeout_s(self) -> float:
+        """RELAY_IDLE_TRANSACTION_TIMEOUT in seconds, its default applied."""
+        return self.relay_idle_transaction_timeout or IDLE_TRANSACTION_MULTIPLE * self.relay_publish_timeout
 
     @property
     def async_database_url(self) -> str:

@@ -3,7 +3,7 @@
     python -m relay                      run until SIGTERM/SIGINT
     python -m relay status [--json]      counts per state, ages, last-minute figures
     python -m relay dead [--limit N]     dead and failed rows
-    python -m relay replay ID... | --all-dead | --all-failed
+    python -m relay replay ID... | --all-dead | --all-failed  [--force]
     python -m relay purge --older-than 7d
 
 Exit codes: 0 success, 1 database unreachable or a command failed, 2 bad arguments or settings.
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("ids", nargs="*", type=_uuid, metavar="ID")
     replay.add_argument("--all-dead", action="store_true", help="every dead row")
     replay.add_argument("--all-failed", action="store_true", help="every failed row")
-    purge = commands.add_parser("purge", help="delete completed rows older than an age")
+    replay.add_argument("--force", action="store_true", help="also replay emails whose send may already have happened")
+    purge = commands.add_parser("purge", help="delete completed rows (and their task runs) older than an age")
     purge.add_argument("--older-than", type=_duration, required=True, metavar="AGE", help="e.g. 7d, 12h, 30m")
     return parser
 
@@ -81,7 +82,7 @@ async def _run_command(args: argparse.Namespace, settings: Settings) -> int:
             return await operator.dead(connection, sys.stdout, args.limit)
         if args.command == "replay":
             states = [OutboxState.DEAD] * args.all_dead + [OutboxState.FAILED] * args.all_failed
-            return await operator.replay(connection, sys.stdout, sys.stderr, args.ids, states)
+            return await operator.replay(connection, sys.stdout, sys.stderr, args.ids, states, force=args.force)
         return await operator.purge(connection, sys.stdout, args.older_than)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         print(f"error: {args.command} failed: {exc}", file=sys.stderr)
@@ -111,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "purge" and args.older_than < (shortest := operator.minimum_retention(settings)):
+        parser.error(
+            f"--older-than {args.older_than} is shorter than the longest redelivery window ({shortest} = "
+            "CELERY_VISIBILITY_TIMEOUT + CELERY_RETRY_BACKOFF_MAX + RELAY_COMPLETION_DEADLINE): a late duplicate "
+            "of a purged task would run its effect again"
+        )
     configure_logging(settings, "relay")
     if args.command is None:
         from relay.daemon import run_daemon  # the daemon's imports (Celery, redis) only when needed

@@ -5,6 +5,16 @@ connection. After a non-empty batch it keeps polling every RELAY_BUSY_POLL for R
 so rows committed just after a coalesced (skipped) notification still go out at once; when
 idle it polls every RELAY_POLL_INTERVAL as a fallback. A lost notification or a dropped LISTEN
 connection therefore only delays a row, never loses it.
+
+Broker outages: when a batch finds the broker unreachable, its rows are left untouched (no
+attempt counted) and every lane stops claiming. One prober asks the broker at capped backoff
+(core.backoff: RELAY_BACKOFF_BASE doubling, capped at min(RELAY_BACKOFF_MAX, PROBE_MAX)); the
+lanes sleep on an event meanwhile, so an outage of any length costs neither CPU nor rows. The
+relay logs once when the broker goes away and once when a batch succeeds after it answered again.
+
+Database outages: any failure of a lane closes every connection and reconnects with backoff;
+the backoff resets only after a batch succeeds, so a failure that repeats on every batch waits
+longer and longer instead of spinning.
 """
 
 from __future__ import annotations
@@ -12,16 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 
 import asyncpg
 
+from core.backoff import backoff_delay
 from core.contract import OUTBOX_CHANNEL
 from core.logging import describe
 from core.settings import Settings
 from core.transient import CONNECTION_ERRORS
-from relay.batch import relay_batch
+from relay.batch import BatchResult, BeforeCommit, relay_batch
+from relay.broker import QueueInspector, create_inspector
 from relay.db import connect
 from relay.publisher import Publisher, create_publisher
 from relay.reconciler import reconcile
@@ -32,6 +45,80 @@ log = logging.getLogger("relay.daemon")
 LANES = 2
 RECONNECT_INITIAL = 0.5
 RECONNECT_MAX = 10.0
+# The longest pause between two probes of an unreachable broker, whatever RELAY_BACKOFF_MAX says:
+# a probe costs one connection attempt, and the backlog should start draining soon after it returns.
+PROBE_MAX = 5.0
+# Test-only: seconds to hold the first batch that published something open before its commit
+# (see hold_hook_from_environment). Never set it in production.
+HOLD_ENV = "RELAY_TEST_HOLD_BEFORE_COMMIT"
+
+
+class BrokerWatch:
+    """Whether the broker is believed reachable, and the one prober that runs while it is not.
+
+    A lane that finds the broker unreachable calls lost(); lanes then wait() instead of claiming.
+    The prober asks the broker at capped backoff and releases the lanes when it answers; the
+    outage ends (logged once) when a batch next succeeds, or goes on at the next backoff step if
+    that batch finds it unreachable again, so a flapping broker is not logged on every flap.
+    """
+
+    def __init__(self, publisher: Publisher, settings: Settings) -> None:
+        self._publisher = publisher
+        self._base = settings.relay_backoff_base
+        self._cap = min(settings.relay_backoff_max, PROBE_MAX)
+        self._reachable = asyncio.Event()
+        self._reachable.set()
+        self._failures = 0
+        self._since: float | None = None  # monotonic start of the current outage
+        self._prober: asyncio.Task[None] | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self._reachable.is_set()
+
+    async def wait(self) -> None:
+        await self._reachable.wait()
+
+    def release(self) -> None:
+        """Wake the waiting lanes (stop() does, so that they can exit)."""
+        self._reachable.set()
+
+    def lost(self, error: str) -> None:
+        self._failures += 1
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning(
+                "broker unreachable; publishing paused, probing",
+                extra={"event": "relay.broker_unreachable", "error": error},
+            )
+        self._reachable.clear()
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.create_task(self._probe(), name="relay-broker-probe")
+
+    def succeeded(self) -> None:
+        """A batch ran without finding the broker unreachable."""
+        if self._since is None:
+            return
+        log.info(
+            "broker reachable again; publishing resumed",
+            extra={"event": "relay.broker_reachable", "outage_s": round(time.monotonic() - self._since, 3)},
+        )
+        self._since = None
+        self._failures = 0
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(backoff_delay(self._failures, base=self._base, cap=self._cap))
+            if await self._publisher.probe() is None:
+                self._reachable.set()
+                return
+            self._failures += 1
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
 
 
 class ConnectionLost(Exception):
@@ -51,9 +138,20 @@ class Relay:
     round trips without doubling the idle polling.
     """
 
-    def __init__(self, settings: Settings, publisher: Publisher | None = None, lanes: int = LANES) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher | None = None,
+        lanes: int = LANES,
+        *,
+        inspector: QueueInspector | None = None,
+        before_commit: BeforeCommit | None = None,
+    ) -> None:
         self._settings = settings
         self._publisher = publisher or create_publisher(settings)
+        self._inspector = inspector or create_inspector(settings)
+        self._before_commit = before_commit
+        self._broker = BrokerWatch(self._publisher, settings)
         self._wakeups = [asyncio.Event() for _ in range(lanes)]
         self._stopping = False
         self._reconnect_delay = RECONNECT_INITIAL
@@ -63,6 +161,7 @@ class Relay:
         if not self._stopping:
             log.info("stopping after the current batch", extra={"event": "relay.stopping"})
         self._stopping = True
+        self._broker.release()
         for wakeup in self._wakeups:
             wakeup.set()
 
@@ -87,7 +186,9 @@ class Relay:
                     self._wakeups[0].clear()
                     await self._sleep(0, delay)
         finally:
+            await self._broker.close()
             await self._publisher.close()
+            await self._inspector.close()
             log.info("relay stopped", extra={"event": "relay.stop"})
 
     async def _serve(self) -> None:
@@ -99,7 +200,6 @@ class Relay:
                 connections.append(await connect(self._settings, f"relay-lane-{lane}"))
             await listen.add_listener(OUTBOX_CHANNEL, self._on_notify)
             log.info("connected", extra={"event": "relay.connected"})
-            self._reconnect_delay = RECONNECT_INITIAL
             async with asyncio.TaskGroup() as lanes:
                 for lane, work in enumerate(connections[1:]):
                     lanes.create_task(self._lane(lane, work, listen))
@@ -119,12 +219,20 @@ class Relay:
         while not self._stopping:
             if work.is_closed() or listen.is_closed():
                 raise ConnectionLost("a relay database connection closed")
+            if not self._broker.reachable:
+                await self._broker.wait()  # the prober (or stop()) releases the lanes
+                continue
             # Cleared before the claim: a notification arriving during the batch wakes the next wait.
             wakeup.clear()
-            result = await relay_batch(work, self._publisher, settings)
+            result = await relay_batch(work, self._publisher, settings, self._before_commit)
+            self._reconnect_delay = RECONNECT_INITIAL  # a batch succeeded: the database is fine
+            if result.unreachable is not None:
+                self._broker.lost(result.unreachable)
+                continue
+            self._broker.succeeded()
             now = time.monotonic()
             if lane == 0 and now >= next_reconcile:  # also during a backlog, which may last long
-                await reconcile(work, settings)
+                await reconcile(work, self._inspector, settings)
                 next_reconcile = now + settings.relay_reconcile_interval
             if result.claimed >= settings.relay_batch_size:
                 # A full batch: more rows are probably waiting, so every lane helps.
@@ -150,9 +258,36 @@ class Relay:
         self._wakeups[0].set()
 
 
+def hold_hook_from_environment() -> BeforeCommit | None:
+    """The frozen-relay test's hook, when RELAY_TEST_HOLD_BEFORE_COMMIT is set (seconds).
+
+    The first batch that published something logs `relay.test_hold` and then waits that long
+    inside its transaction, after its messages reached the broker and before its commit: the
+    test SIGSTOPs the relay when it sees the line, which freezes it at exactly that point.
+    Later batches are not held.
+    """
+    seconds = float(os.environ.get(HOLD_ENV) or 0)
+    if seconds <= 0:
+        return None
+    held = False
+
+    async def hold(result: BatchResult) -> None:
+        nonlocal held
+        if held or not result.published:
+            return
+        held = True
+        log.warning(
+            "test hook: holding the batch transaction before its commit",
+            extra={"event": "relay.test_hold", "published": result.published, "hold_s": seconds},
+        )
+        await asyncio.sleep(seconds)
+
+    return hold
+
+
 async def run_daemon(settings: Settings) -> None:
     """Run a relay until SIGTERM or SIGINT, then return after a clean stop."""
-    relay = Relay(settings)
+    relay = Relay(settings, before_commit=hold_hook_from_environment())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, relay.stop)

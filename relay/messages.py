@@ -44,6 +44,7 @@ class RedisMessageBuilder:
         self._prefix: str = transport_options.get("global_keyprefix", "")
         self._sep: str = transport_options.get("sep", RedisChannel.sep)
         self._priority_steps: list[int] = list(transport_options.get("priority_steps", RedisChannel.priority_steps))
+        self._unacked_key: str = transport_options.get("unacked_key", RedisChannel.unacked_key)
         if conf.task_serializer != "json":
             raise ValueError(f"the Redis fast path writes JSON messages; task_serializer is {conf.task_serializer!r}")
         queue = app.amqp.router.route({"queue": queue_name}, "", (), {}, None)["queue"]
@@ -111,6 +112,15 @@ class RedisMessageBuilder:
             ("sadd", self._prefix + _BINDING_KEY % self._binding_exchange, self._binding_member),
             ("sadd", self._prefix + _PERMANENT_BINDING_KEY % self._binding_exchange, self._binding_member),
         ]
+
+    def queue_keys(self) -> list[str]:
+        """Every Redis list the queue's messages can wait in (one per priority step), as workers BRPOP them."""
+        return [self._queue_key(step) for step in self._priority_steps]
+
+    @property
+    def unacked_key(self) -> str:
+        """The hash where kombu keeps the messages workers have taken and not acknowledged."""
+        return self._prefix + self._unacked_key
 
     def _queue_key(self, priority: int) -> str:
         # Channel._get_message_priority clamps to 0..9, then _q_for_pri picks the step's list.

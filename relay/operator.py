@@ -13,6 +13,7 @@ import asyncpg
 
 from core.outbox import queries
 from core.outbox.states import ALL_OUTBOX_STATES, OutboxState
+from core.settings import Settings
 
 log = logging.getLogger("relay.operator")
 
@@ -71,32 +72,70 @@ async def dead(connection: asyncpg.Connection, out: TextIO, limit: int) -> int:
 
 
 async def replay(
-    connection: asyncpg.Connection, out: TextIO, err: TextIO, ids: Sequence[UUID], states: Sequence[OutboxState]
+    connection: asyncpg.Connection,
+    out: TextIO,
+    err: TextIO,
+    ids: Sequence[UUID],
+    states: Sequence[OutboxState],
+    *,
+    force: bool = False,
 ) -> int:
     """Put the given dead/failed rows (or every row in `states`) back to pending with fresh counters.
 
-    Returns 1 if some given id was not a dead or failed row (the others are still replayed).
+    An email whose send may already have happened (a delivery took its lease to send and never
+    finished nor proved that nothing went out) is replayed only with `force`: otherwise it is
+    named on `err` and left alone. Returns 1 if some given id was not a dead or failed row, or
+    was left alone for that reason (the others are still replayed).
     """
     async with connection.transaction():
-        replayed = await queries.replay(connection, ids=ids, states=states, reason=REPLAYED_REASON)
+        doubtful = [] if force else await queries.in_doubt(connection, ids=ids, states=states)
+        replayed = await queries.replay(
+            connection, ids=ids, states=states, reason=REPLAYED_REASON, spare_in_doubt=not force
+        )
         if replayed:
             await queries.notify(connection)
     print(f"replayed {len(replayed)} row(s)", file=out)
-    missing = [i for i in ids if i not in replayed]
+    spared = {row.id for row in doubtful if row.id not in replayed}
+    for row in doubtful:
+        if row.id in spared:
+            print(
+                f"error: {row.id}: its email may already have been sent (a send started at "
+                f"{row.last_send_started_at.isoformat(timespec='seconds')} and its outcome is unknown); "
+                "check the mail server's log, then replay it with --force to send it again",
+                file=err,
+            )
+    missing = [i for i in ids if i not in replayed and i not in spared]
     for row_id in missing:
         print(f"error: {row_id} is not a dead or failed outbox row", file=err)
-    return 1 if missing else 0
+    return 1 if missing or spared else 0
+
+
+def minimum_retention(settings: Settings) -> timedelta:
+    """The shortest age `purge` accepts: longer than the longest redelivery window.
+
+    A task id's record in task_runs is what makes a late duplicate harmless, and it goes with its
+    outbox row. A copy of a completed task's message can still arrive after kombu restores an
+    unacknowledged copy (CELERY_VISIBILITY_TIMEOUT), after a retry's countdown
+    (CELERY_RETRY_BACKOFF_MAX), or behind a re-publish (RELAY_COMPLETION_DEADLINE before it).
+    """
+    return timedelta(
+        seconds=settings.celery_visibility_timeout
+        + settings.celery_retry_backoff_max
+        + settings.relay_completion_deadline
+    )
 
 
 async def purge(connection: asyncpg.Connection, out: TextIO, older_than: timedelta) -> int:
-    """Delete completed rows older than `older_than`, PURGE_CHUNK rows per statement."""
-    total = 0
+    """Delete completed rows older than `older_than`, and their task_runs records, PURGE_CHUNK rows
+    per statement. The caller checks `older_than` against minimum_retention()."""
+    rows = runs = 0
     while True:
-        deleted = await queries.purge_completed(connection, older_than, PURGE_CHUNK)
-        total += deleted
+        deleted, deleted_runs = await queries.purge_completed(connection, older_than, PURGE_CHUNK)
+        rows += deleted
+        runs += deleted_runs
         if deleted < PURGE_CHUNK:
             break
-    print(f"purged {total} row(s) older than {older_than}", file=out)
+    print(f"purged {rows} row(s) and {runs} task run(s) older than {older_than}", file=out)
     return 0
 
 

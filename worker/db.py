@@ -25,6 +25,10 @@ T = TypeVar("T")
 # Bounds on every database call, because the threads pool cannot enforce the hard time limit.
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection
 STATEMENT_TIMEOUT_MS = 10_000  # PostgreSQL cancels a statement after this
+# A statement waits at most this long for a row lock. Relays hold outbox rows for the milliseconds
+# a batch takes to commit; only a relay frozen mid-batch holds them longer (until
+# RELAY_IDLE_TRANSACTION_TIMEOUT ends its session), and no task should wait that out.
+LOCK_TIMEOUT_MS = 2_000
 CALL_TIMEOUT = 30.0  # a whole call, including waiting for a pooled connection
 _IN_FLIGHT_POOLS = frozenset({"threads"})
 
@@ -49,7 +53,11 @@ def pool_options(settings: Settings) -> PoolOptions:
         max_size=slots,
         connect_timeout=CONNECT_TIMEOUT,
         command_timeout=STATEMENT_TIMEOUT_MS / 1000 + 1,
-        server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "outbox-worker"},
+        server_settings={
+            "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+            "lock_timeout": str(LOCK_TIMEOUT_MS),
+            "application_name": "outbox-worker",
+        },
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from functools import partial
 from typing import Any, ClassVar
 
@@ -19,20 +20,39 @@ from celery.exceptions import Retry
 
 from core.backoff import backoff_delay
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
+from core.outbox.states import RunState
 from core.settings import Settings
 from worker.arguments import AuditArguments, EmailArguments, parse_arguments
 from worker.context import WorkerContext
 from worker.db import WorkerDatabase
-from worker.effects import claim_email_lease, finish_email, mark_outbox_failed, release_email_lease, write_audit_once
-from worker.errors import InvalidTaskArguments, PermanentDeliveryError
+from worker.effects import (
+    claim_email_lease,
+    complete_outbox,
+    extend_delivery,
+    mark_outbox_failed,
+    record_email_sent,
+    release_email_lease,
+    start_delivery,
+    stored_result,
+    write_audit_once,
+)
+from worker.errors import DeliveryUncertain, InvalidTaskArguments, PermanentDeliveryError
 from worker.mailer import build_message, send_email
 from worker.retry import is_permanent_smtp_error, is_transient
 
 logger = logging.getLogger(__name__)
 
-# After the email is sent, recording it is retried in place this many times (seconds between):
-# a task retry would find its own lease and, once it ran out, send the email again.
+# After the email is sent, recording it is retried in place this many times (seconds between),
+# then by a task retry that carries the lease's token (SENT_LEASE), so that the retry records the
+# send instead of sending again.
 _RECORD_PAUSES = (0.5, 1.0, 2.0)
+# Completing the outbox row after the effect's record, retried in place (seconds between). Each try
+# waits at most the connection's lock_timeout for the row; after the last, the row is left to the
+# next delivery or the reconciler, and the task still succeeds.
+_COMPLETE_PAUSES = (0.2, 0.5)
+# Message headers the tasks carry across their own retries.
+LEASE_WAITS = "outbox_lease_waits"  # retries spent waiting for a duplicate's lease (not failures)
+SENT_LEASE = "outbox_sent_lease"  # the lease token of an email that was sent but not yet recorded
 
 
 class OutboxTask(Task):  # type: ignore[misc]
@@ -57,29 +77,97 @@ class OutboxTask(Task):  # type: ignore[misc]
     def database(self) -> WorkerDatabase:
         return self.context.database
 
-    def retry_later(self, error: BaseException) -> Retry:
+    def header(self, name: str) -> Any:
+        return (self.request.headers or {}).get(name)
+
+    def lease_waits(self) -> int:
+        """How many of this task's retries were spent waiting for another delivery's lease."""
+        waits = self.header(LEASE_WAITS)
+        return waits if isinstance(waits, int) and 0 <= waits <= self.request.retries else 0
+
+    def transient_failures(self) -> int:
+        """Retries spent on transient failures: Celery's count, less the waits for a lease.
+
+        Celery's retry() always sends request.retries + 1, whatever it waited for, so the waits
+        are counted apart (LEASE_WAITS) and do not use up CELERY_TASK_MAX_RETRIES.
+        """
+        retries: int = self.request.retries
+        return retries - self.lease_waits()
+
+    def _retry(
+        self, countdown: float, *, max_retries: int, headers: dict[str, Any], exc: BaseException | None = None
+    ) -> Retry:
+        self.keep_alive(countdown)
+        merged = {**(self.request.headers or {}), LEASE_WAITS: self.lease_waits(), **headers}
+        return self.retry(exc=exc, countdown=countdown, max_retries=max_retries, headers=merged)
+
+    def retry_later(self, error: BaseException, headers: dict[str, Any] | None = None) -> Retry:
         """Schedule a retry after an exponential, jittered pause. Raises `error` itself once
-        CELERY_TASK_MAX_RETRIES retries are used up (then on_failure marks the row failed)."""
-        countdown = backoff_delay(self.request.retries + 1, base=1.0, cap=self.settings.celery_retry_backoff_max)
+        CELERY_TASK_MAX_RETRIES transient failures are used up (then on_failure marks the row failed)."""
+        failures, waits = self.transient_failures(), self.lease_waits()
+        countdown = backoff_delay(failures + 1, base=1.0, cap=self.settings.celery_retry_backoff_max)
         extra = {"task_id": self.request.id, "task_name": self.name}
-        if self.max_retries is not None and self.request.retries >= self.max_retries:
+        if failures >= self.max_retries:
             logger.warning("%s: retries used up (%d)", self.name, self.max_retries, extra=extra)
-        else:
-            logger.warning(
-                "%s: transient failure, retry %d/%s in %.1fs: %s: %s",
-                self.name,
-                self.request.retries + 1,
-                self.max_retries,
-                countdown,
-                type(error).__name__,
-                error,
-                extra=extra,
-            )
-        return self.retry(exc=error, countdown=countdown)
+            # Celery raises `error` (retries would exceed max_retries) and sends nothing.
+            return self.retry(exc=error, countdown=countdown, max_retries=waits + self.max_retries)
+        logger.warning(
+            "%s: transient failure, retry %d/%s in %.1fs: %s: %s",
+            self.name,
+            failures + 1,
+            self.max_retries,
+            countdown,
+            type(error).__name__,
+            error,
+            extra=extra,
+        )
+        return self._retry(countdown, max_retries=waits + self.max_retries, headers=headers or {}, exc=error)
+
+    def wait_for_lease(self, lease_left: float) -> Retry:
+        """Come back when another delivery's lease runs out; not counted as a failure."""
+        countdown = min(lease_left + backoff_delay(1, base=1.0, cap=1.0), self.settings.celery_retry_backoff_max)
+        waits = self.lease_waits() + 1
+        logger.info(
+            "%s: another delivery holds the lease; waiting %.1fs (wait %d)",
+            self.name,
+            countdown,
+            waits,
+            extra={"task_id": self.request.id, "task_name": self.name},
+        )
+        return self._retry(countdown, max_retries=self.request.retries + 1, headers={LEASE_WAITS: waits})
+
+    def keep_alive(self, countdown: float) -> None:
+        """Keep this delivery counted as alive on its outbox row across a retry's countdown, so the
+        reconciler does not take it for a dead one. Best effort: a delivery taken for dead is only
+        re-published, and its duplicate recognised."""
+        seconds = countdown + self.settings.celery_task_time_limit
+        try:
+            self.database.run(partial(extend_delivery, task_id=self.request.id, seconds=seconds))
+        except Exception:
+            logger.info("could not extend the delivery's lease", exc_info=True, extra={"task_id": self.request.id})
+
+    def complete(self) -> None:
+        """Complete the outbox row after the effect's record committed; never holds up the result."""
+        task_id = self.request.id
+        for pause in (*_COMPLETE_PAUSES, None):
+            try:
+                self.database.run(partial(complete_outbox, task_id=task_id))
+                return
+            except Exception as error:
+                if pause is None:
+                    logger.warning(
+                        "effect recorded, outbox row not completed (%s: %s); the next delivery or the "
+                        "reconciler completes it",
+                        type(error).__name__,
+                        error,
+                        extra={"task_id": task_id, "task_name": self.name},
+                    )
+                    return
+                time.sleep(pause)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Mark the outbox row failed. Best effort: if the database is down too, the relay's
-        reconciler finds the row unfinished after the deadline and publishes it again."""
+        reconciler finds the delivery's lease run out and publishes the row again."""
         error = f"{type(exc).__name__}: {exc}"
         extra = {"task_id": task_id, "task_name": self.name}
         try:
@@ -88,6 +176,13 @@ class OutboxTask(Task):  # type: ignore[misc]
             logger.warning("%s failed and its outbox row could not be marked", self.name, exc_info=True, extra=extra)
             return
         logger.error("%s failed for good (outbox row marked: %s): %s", self.name, marked, error, extra=extra)
+
+
+def _started(task: OutboxTask) -> dict[str, Any] | None:
+    """Record the delivery's start; the stored result if the task id's effect is already done."""
+    lease = task.settings.celery_task_time_limit
+    stored = task.database.run(partial(start_delivery, task_id=task.request.id, lease_seconds=lease))
+    return stored.result if stored is not None and stored.state == RunState.DONE else None
 
 
 def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +194,16 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
     # The recipient is personal data: INFO logs carry the task id (which finds the outbox row), not the address.
     logger.info("send_transaction_email amount=%s status=%s", arguments.amount, arguments.status, extra=extra)
     logger.debug("send_transaction_email to %s", arguments.email, extra=extra)
+    result = {"success": True, "message": f"Transfer notification sent to {arguments.email}", "task_id": task_id}
+    sent_token = task.header(SENT_LEASE)
+    if isinstance(sent_token, str):  # an earlier run of this task sent it: record, never send again
+        return _record_sent(task, uuid.UUID(sent_token), result)
     try:
+        done = _started(task)
+        if done is not None:
+            task.complete()
+            return done
+        started = time.monotonic()  # no later than the database's start of the lease
         claim = task.database.run(
             partial(claim_email_lease, task_id=task_id, lease_seconds=settings.celery_task_time_limit)
         )
@@ -108,49 +212,76 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
             raise
         raise task.retry_later(error) from None
     if claim.result is not None:
+        task.complete()
         return claim.result
-    if not claim.owned:
+    if claim.token is None:
         # A duplicate delivery is sending right now. Come back when its lease runs out: by then
-        # it has recorded the email (we return its result) or died (we take over). Not counted
-        # against the transient-failure budget.
-        countdown = min(claim.retry_in + backoff_delay(1, base=1.0, cap=1.0), settings.celery_retry_backoff_max)
-        raise task.retry(countdown=countdown, max_retries=task.request.retries + 1)
+        # it has recorded the email (we return its result) or died (we take over).
+        raise task.wait_for_lease(claim.retry_in)
     message = build_message(
         settings, task_id=task_id, email=arguments.email, amount=arguments.amount, status=arguments.status
     )
     try:
-        send_email(settings, message)
+        # The whole send ends by the soft limit, before the lease (the hard limit) runs out, which
+        # leaves the rest of the lease to record it.
+        send_email(settings, message, deadline=started + settings.celery_task_soft_time_limit)
     except Exception as error:
-        _release_lease(task, task_id)
+        _release_lease(task, claim.token, maybe_sent=isinstance(error, DeliveryUncertain))
         if is_permanent_smtp_error(error):
             raise PermanentDeliveryError(f"the mail server refused the message: {error}") from error
         if not is_transient(error):
             raise
         raise task.retry_later(error) from None
-    result = {"success": True, "message": f"Transfer notification sent to {arguments.email}", "task_id": task_id}
-    _record_sent(task, task_id, result)
-    return result
+    return _record_sent(task, claim.token, result)
 
 
-def _release_lease(task: OutboxTask, task_id: str) -> None:
+def _release_lease(task: OutboxTask, token: uuid.UUID, *, maybe_sent: bool) -> None:
+    task_id = task.request.id
     try:
-        task.database.run(partial(release_email_lease, task_id=task_id))
+        released = task.database.run(partial(release_email_lease, task_id=task_id, token=token, maybe_sent=maybe_sent))
     except Exception:  # the lease then simply runs out
         logger.warning("could not release the email lease", exc_info=True, extra={"task_id": task_id})
+        return
+    if not released:
+        logger.warning("the email lease had been taken over; left to its holder", extra={"task_id": task_id})
 
 
-def _record_sent(task: OutboxTask, task_id: str, result: dict[str, Any]) -> None:
+def _record_sent(task: OutboxTask, token: uuid.UUID, result: dict[str, Any]) -> dict[str, Any]:
+    """Record the sent email under the lease `token`, then complete the outbox row."""
+    task_id = task.request.id
     for pause in (*_RECORD_PAUSES, None):
         try:
-            task.database.run(partial(finish_email, task_id=task_id, result=result))
-            return
+            recorded = task.database.run(partial(record_email_sent, task_id=task_id, token=token, result=result))
+            if not recorded:
+                return _lost_lease(task, result)
+            break
         except Exception as error:
             if not is_transient(error):
                 raise
             if pause is None:
-                # The one window where an email can go out twice: sent, but not recorded.
-                raise task.retry_later(error) from None
+                # Sent, not recorded: the retry records it with this token instead of sending again.
+                raise task.retry_later(error, {SENT_LEASE: str(token)}) from None
             time.sleep(pause)
+    task.complete()
+    return result
+
+
+def _lost_lease(task: OutboxTask, result: dict[str, Any]) -> dict[str, Any]:
+    """The send happened, but this delivery's lease was no longer its own when it came to record it."""
+    task_id = task.request.id
+    try:
+        stored = task.database.run(partial(stored_result, task_id=task_id))
+    except Exception:  # the email went out: this task succeeded whatever the record says
+        logger.warning("could not read the email's record", exc_info=True, extra={"task_id": task_id})
+        stored = None
+    if stored is None:
+        # Our lease ran out while we sent and another delivery took it over: it sends too.
+        logger.warning(
+            "the email was sent after its lease was taken over: it may go out twice",
+            extra={"task_id": task_id, "task_name": SEND_TRANSACTION_EMAIL},
+        )
+    task.complete()
+    return stored or result
 
 
 def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -170,20 +301,24 @@ def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[
         "transaction_id": arguments.transaction_id,
     }
     try:
-        time.sleep(task.settings.audit_write_delay)  # the audit system's latency
-        return task.database.run(
-            partial(
-                write_audit_once,
-                task_id=task_id,
-                transaction_id=arguments.transaction_id,
-                data=arguments.data,
-                result=result,
+        done = _started(task)  # a duplicate returns here, before the audit system's latency
+        if done is None:
+            time.sleep(task.settings.audit_write_delay)  # the audit system's latency
+            done = task.database.run(
+                partial(
+                    write_audit_once,
+                    task_id=task_id,
+                    transaction_id=arguments.transaction_id,
+                    data=arguments.data,
+                    result=result,
+                )
             )
-        )
     except Exception as error:
         if not is_transient(error):
             raise
         raise task.retry_later(error) from None
+    task.complete()
+    return done
 
 
 def register_tasks(app: Celery, context: WorkerContext) -> None:

@@ -13,13 +13,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from core.contract import OUTBOX_CHANNEL, TaskMessage
+from core.contract import OUTBOX_CHANNEL, SEND_TRANSACTION_EMAIL, TaskMessage
 from core.outbox.states import ALL_OUTBOX_STATES, OutboxState, RunState
 
 S = OutboxState
@@ -119,20 +120,25 @@ class Failure:
     delay: float
 
 
+# Filtered and ordered on the leading column of ix_outbox_due, so the scan walks the index from
+# the oldest due row and stops after `limit` rows: rows waiting in backoff (due later) are never
+# read, however many there are. A fresh row is due at its commit, so this is oldest first for
+# rows that never failed; a retried row takes its place when its retry falls due.
 _CLAIM = f"""
 SELECT id, task_name, kwargs::text AS kwargs, attempts
 FROM outbox
 WHERE state = '{S.PENDING}' AND next_attempt_at <= now()
-ORDER BY created_at
+ORDER BY next_attempt_at, created_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 
 
 async def claim_pending(connection: Connection, limit: int) -> list[OutboxRow]:
-    """Lock up to `limit` due pending rows, oldest first, skipping rows other relays hold.
+    """Lock up to `limit` due pending rows, in the order they fell due, skipping rows other relays hold.
 
-    Must run inside a transaction; the locks last until it ends.
+    Must run inside a transaction; the locks last until it ends. Never raises for a row whose
+    kwargs Python cannot decode: that row comes back with `decode_error` set.
     """
     return [_claimed(r) for r in await connection.fetch(_CLAIM, limit)]
 
@@ -191,7 +197,32 @@ async def record_failures(
     return {r["id"]: (r["state"], r["attempts"]) for r in records}
 
 
+_MARK_DEAD = f"""
+UPDATE outbox AS o
+SET state = '{S.DEAD}', last_error = d.reason
+FROM unnest($1::uuid[], $2::text[]) AS d(id, reason)
+WHERE o.id = d.id AND o.state = '{S.PENDING}'
+"""
+
+
+async def mark_dead(connection: Connection, poison: Sequence[tuple[UUID, str]]) -> None:
+    """Mark claimed pending rows dead at once, each with its reason (rows no publish could fix)."""
+    if poison:
+        await connection.execute(
+            _MARK_DEAD, [row_id for row_id, _ in poison], [reason[:MAX_ERROR_LENGTH] for _, reason in poison]
+        )
+
+
 # --- The reconciler: published rows that never completed ---------------------------------------
+
+
+class Evidence(StrEnum):
+    """Why the reconciler changed a published row: what it saw, not merely how old the row is."""
+
+    EFFECT_RECORDED = "effect recorded"  # task_runs says done: the row is completed, not re-published
+    LEASE_RAN_OUT = "delivery lease ran out"  # a delivery started and stopped renewing its lease
+    QUEUE_EMPTY = "queue empty"  # the broker's queue held no message and no worker held this one
+    QUEUE_PASSED = "queue moved past it"  # workers finished messages published well after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,44 +231,100 @@ class Reconciled:
     task_name: str
     state: str
     republishes: int
+    evidence: Evidence
 
 
+@dataclass(frozen=True, slots=True)
+class QueueObservation:
+    """What the broker showed just before the reconciler looked at the rows.
+
+    empty: True if the queue held no message, False if it held some, None if the broker could not
+    be asked. held: ids of messages workers have taken but not acknowledged (None if unknown).
+    """
+
+    empty: bool | None
+    held: frozenset[UUID] | None
+
+
+# The evidence, per overdue published row, in order (the first that applies decides; NULL: leave it):
+# 1. its task recorded its effect in task_runs -> complete the row (its completion UPDATE was lost);
+# 2. an email lease on it is live -> a delivery is sending: leave it;
+# 3. a delivery started: re-publish only once that delivery's lease ran out;
+# 4. a worker holds its message unacknowledged (not started yet) -> leave it;
+# 5. never started, and the queue is empty -> its message is gone;
+# 6. never started, and the latest completions were of messages published more than $6 seconds
+#    after it: the queue, first in first out, moved past it -> its message is gone.
+# Otherwise it is waiting in the queue and is left alone, however long it waits. $4 and $5 are
+# read from the broker *before* this statement, so a message taken meanwhile shows as started.
+_EVIDENCE = f"""
+CASE
+    WHEN r.state = '{RunState.DONE}' THEN '{Evidence.EFFECT_RECORDED}'
+    WHEN r.state = '{RunState.RUNNING}' AND r.lease_until > now() THEN NULL
+    WHEN o.delivery_started_at IS NOT NULL THEN
+        CASE WHEN o.delivery_lease_until < now() THEN '{Evidence.LEASE_RAN_OUT}' END
+    WHEN o.id = ANY($5::uuid[]) THEN NULL
+    WHEN $4::boolean THEN '{Evidence.QUEUE_EMPTY}'
+    WHEN o.published_at < (
+        SELECT max(recent.published_at) FROM (
+            SELECT published_at FROM outbox WHERE state = '{S.COMPLETED}' ORDER BY completed_at DESC LIMIT $7
+        ) AS recent
+    ) - make_interval(secs => $6) THEN '{Evidence.QUEUE_PASSED}'
+END"""
+_REPUBLISH = f"(c.evidence <> '{Evidence.EFFECT_RECORDED}' AND o.republishes < $3)"
 # attempts restarts at 0: it counts the publish attempts of the current round, so a short broker
-# outage right after a re-publish does not use up the budget earlier rounds spent.
+# outage right after a re-publish does not use up the budget earlier rounds spent. The delivery
+# columns are cleared so that the new message's delivery is judged on its own.
 _RECONCILE = f"""
-WITH overdue AS (
-    SELECT id FROM outbox
-    WHERE state = '{S.PUBLISHED}' AND published_at < now() - make_interval(secs => $1)
-    ORDER BY published_at
+WITH chosen AS (
+    SELECT o.id, {_EVIDENCE} AS evidence
+    FROM outbox AS o LEFT JOIN task_runs AS r ON r.task_id = o.id::text
+    WHERE o.state = '{S.PUBLISHED}' AND o.published_at < now() - make_interval(secs => $1)
+      AND ({_EVIDENCE}) IS NOT NULL
+    ORDER BY o.published_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE outbox AS o
-SET state = CASE WHEN o.republishes >= $3 THEN '{S.DEAD}' ELSE '{S.PENDING}' END,
-    republishes = CASE WHEN o.republishes >= $3 THEN o.republishes ELSE o.republishes + 1 END,
-    attempts = CASE WHEN o.republishes >= $3 THEN o.attempts ELSE 0 END,
-    next_attempt_at = now(),
-    last_error = CASE WHEN o.republishes >= $3 THEN $4 ELSE $5 END
-FROM overdue
-WHERE o.id = overdue.id
-RETURNING o.id, o.task_name, o.state, o.republishes
+SET state = CASE WHEN c.evidence = '{Evidence.EFFECT_RECORDED}' THEN '{S.COMPLETED}'
+                 WHEN o.republishes >= $3 THEN '{S.DEAD}' ELSE '{S.PENDING}' END,
+    completed_at = CASE WHEN c.evidence = '{Evidence.EFFECT_RECORDED}' THEN now() ELSE o.completed_at END,
+    republishes = CASE WHEN {_REPUBLISH} THEN o.republishes + 1 ELSE o.republishes END,
+    attempts = CASE WHEN {_REPUBLISH} THEN 0 ELSE o.attempts END,
+    next_attempt_at = CASE WHEN {_REPUBLISH} THEN now() ELSE o.next_attempt_at END,
+    delivery_started_at = CASE WHEN {_REPUBLISH} THEN NULL ELSE o.delivery_started_at END,
+    delivery_lease_until = CASE WHEN {_REPUBLISH} THEN NULL ELSE o.delivery_lease_until END,
+    last_error = CASE WHEN c.evidence = '{Evidence.EFFECT_RECORDED}' THEN o.last_error
+                      WHEN o.republishes >= $3
+                          THEN 'message gone after ' || o.republishes || ' re-publishes: ' || c.evidence
+                      ELSE 're-published: ' || c.evidence END
+FROM chosen AS c
+WHERE o.id = c.id
+RETURNING o.id, o.task_name, o.state, o.republishes, c.evidence
 """
 
 
-async def reset_overdue(
+async def reconcile_published(
     connection: Connection,
     *,
     deadline: float,
     limit: int,
     max_republishes: int,
-    dead_reason: str,
-    republished_reason: str,
+    queue: QueueObservation,
+    order_margin: float,
+    recent_completions: int = 100,
 ) -> list[Reconciled]:
-    """Send up to `limit` rows published more than `deadline` seconds ago back to pending, or to
-    dead once they were re-published `max_republishes` times. One statement; safe on every
-    relay at once (SKIP LOCKED)."""
-    records = await connection.fetch(_RECONCILE, deadline, limit, max_republishes, dead_reason, republished_reason)
-    return [Reconciled(r["id"], r["task_name"], r["state"], r["republishes"]) for r in records]
+    """Judge up to `limit` rows published more than `deadline` seconds ago, on evidence (see _EVIDENCE).
+
+    A row whose message is gone goes back to pending (re-published with the same task id), or to
+    dead once it was re-published `max_republishes` times; a row whose task recorded its effect
+    is completed. Rows waiting in the queue are left alone however old they are. `queue` must be
+    observed before this call. One statement; safe on every relay at once (SKIP LOCKED).
+    """
+    held = list(queue.held) if queue.held is not None else []
+    records = await connection.fetch(
+        _RECONCILE, deadline, limit, max_republishes, queue.empty, held, order_margin, recent_completions
+    )
+    return [Reconciled(r["id"], r["task_name"], r["state"], r["republishes"], Evidence(r["evidence"])) for r in records]
 
 
 # --- The worker: task runs, completion, failure -------------------------------------------------
@@ -274,46 +361,113 @@ FROM task_runs WHERE task_id = $1
 
 async def stored_run(connection: Connection, task_id: str) -> StoredRun | None:
     """The task id's record, or None if no delivery has recorded anything."""
-    row = await connection.fetchrow(_STORED_RUN, task_id)
+    return _stored(await connection.fetchrow(_STORED_RUN, task_id))
+
+
+def _stored(row: asyncpg.Record | None) -> StoredRun | None:
     if row is None:
         return None
     result = json.loads(row["result"]) if row["result"] is not None else None
     return StoredRun(RunState(row["state"]), result, float(row["lease_left"] or 0.0))
 
 
+# One round trip at the start of every delivery: record on the outbox row that a delivery started
+# and until when it counts as alive (the reconciler leaves a started row alone until then), and
+# read the task id's record, so a duplicate returns before doing any work. Only unfinished rows
+# are touched; none of these columns is indexed, so the update is a cheap HOT update.
+_START_DELIVERY = f"""
+WITH started AS (
+    UPDATE outbox
+    SET delivery_started_at = now(), delivery_lease_until = now() + make_interval(secs => $3),
+        deliveries = deliveries + 1
+    WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}')
+)
+SELECT state, result::text AS result, GREATEST(EXTRACT(EPOCH FROM lease_until - now()), 0)::float8 AS lease_left
+FROM task_runs WHERE task_id = $2
+"""
+
+
+async def start_delivery(
+    connection: Connection, outbox_id: UUID, task_id: str, lease_seconds: float
+) -> StoredRun | None:
+    """Record that a delivery of the row's message starts, alive for `lease_seconds`; return the
+    task id's record (None if no delivery recorded anything).
+
+    Waits for the outbox row's lock (a relay commits its batch in milliseconds): the caller's
+    lock_timeout bounds the wait, and asyncpg.LockNotAvailableError then means nothing was written.
+    """
+    row = await connection.fetchrow(_START_DELIVERY, outbox_id, task_id, float(lease_seconds))
+    return _stored(row)
+
+
+_EXTEND_DELIVERY = f"""
+UPDATE outbox SET delivery_lease_until = GREATEST(delivery_lease_until, now() + make_interval(secs => $2))
+WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}') AND delivery_started_at IS NOT NULL
+"""
+
+
+async def extend_delivery(connection: Connection, outbox_id: UUID, seconds: float) -> None:
+    """Keep a started delivery alive for at least `seconds` more (a retry waiting for its countdown)."""
+    await connection.execute(_EXTEND_DELIVERY, outbox_id, float(seconds))
+
+
 # Take the lease if nobody has it, or take over one whose holder outlived it (a crashed worker).
+# Each lease gets a fresh fencing token; only its holder can release or finish it. Taking it also
+# counts a send whose outcome is unknown until the holder finishes or proves nothing was sent.
 _CLAIM_LEASE = f"""
-INSERT INTO task_runs (task_id, task_name, state, lease_until)
-VALUES ($1, $2, '{RunState.RUNNING}', now() + make_interval(secs => $3))
+INSERT INTO task_runs (task_id, task_name, state, lease_until, lease_token, sends_in_doubt)
+VALUES ($1, $2, '{RunState.RUNNING}', now() + make_interval(secs => $3), gen_random_uuid(), 1)
 ON CONFLICT (task_id) DO UPDATE
-    SET lease_until = EXCLUDED.lease_until, started_at = now()
+    SET lease_until = EXCLUDED.lease_until, lease_token = EXCLUDED.lease_token, started_at = now(),
+        sends_in_doubt = task_runs.sends_in_doubt + 1
     WHERE task_runs.state = '{RunState.RUNNING}' AND task_runs.lease_until < now()
+RETURNING lease_token
+"""
+
+
+async def claim_lease(connection: Connection, task_id: str, task_name: str, seconds: float) -> UUID | None:
+    """Take the lease on making this task id's effect for `seconds` (database clock).
+
+    Returns the lease's fencing token, or None if another delivery holds a live lease or the
+    effect is already recorded.
+    """
+    token: UUID | None = await connection.fetchval(_CLAIM_LEASE, task_id, task_name, float(seconds))
+    return token
+
+
+_RELEASE_LEASE = f"""
+UPDATE task_runs
+SET lease_until = now(), lease_token = NULL,
+    sends_in_doubt = sends_in_doubt - CASE WHEN $3 THEN 0 ELSE 1 END
+WHERE task_id = $1 AND state = '{RunState.RUNNING}' AND lease_token = $2
 RETURNING task_id
 """
 
 
-async def claim_lease(connection: Connection, task_id: str, task_name: str, seconds: float) -> bool:
-    """Take the lease on making this task id's effect for `seconds`. True if this call has it."""
-    return await connection.fetchval(_CLAIM_LEASE, task_id, task_name, float(seconds)) is not None
+async def release_lease(connection: Connection, task_id: str, token: UUID, *, maybe_sent: bool) -> bool:
+    """End the lease `token` holds now, so the next delivery need not wait for it to run out.
 
-
-_RELEASE_LEASE = f"UPDATE task_runs SET lease_until = now() WHERE task_id = $1 AND state = '{RunState.RUNNING}'"
-
-
-async def release_lease(connection: Connection, task_id: str) -> None:
-    """End a running lease now, so that the next delivery need not wait for it to run out."""
-    await connection.execute(_RELEASE_LEASE, task_id)
+    `maybe_sent=False` says the send certainly did not happen. Does nothing (returns False) if the
+    lease ran out and another delivery took it over: a stale holder cannot end its successor's lease.
+    """
+    return await connection.fetchval(_RELEASE_LEASE, task_id, token, maybe_sent) is not None
 
 
 _FINISH_RUN = f"""
-UPDATE task_runs SET state = '{RunState.DONE}', result = $2::text::jsonb, lease_until = NULL, finished_at = now()
-WHERE task_id = $1
+UPDATE task_runs SET state = '{RunState.DONE}', result = $3::text::jsonb, lease_until = NULL, lease_token = NULL,
+    finished_at = now()
+WHERE task_id = $1 AND state = '{RunState.RUNNING}' AND lease_token = $2
+RETURNING task_id
 """
 
 
-async def finish_run(connection: Connection, task_id: str, result: dict[str, Any]) -> None:
-    """Record the leased effect as made, with the result later deliveries return."""
-    await connection.execute(_FINISH_RUN, task_id, json.dumps(result))
+async def finish_run(connection: Connection, task_id: str, token: UUID, result: dict[str, Any]) -> bool:
+    """Record the leased effect as made, with the result later deliveries return.
+
+    Acts only on the lease `token` holds: returns False (nothing written) if that lease was
+    taken over by another delivery or the effect was recorded by another delivery.
+    """
+    return await connection.fetchval(_FINISH_RUN, task_id, token, json.dumps(result)) is not None
 
 
 _COMPLETE = f"""
@@ -361,7 +515,8 @@ SELECT
   (SELECT extract(epoch FROM now() - min(published_at)) FROM outbox WHERE state = '{S.PUBLISHED}')
       AS oldest_published_s,
   (SELECT count(*) FROM outbox WHERE published_at > now() - interval '1 minute') AS published_last_minute,
-  (SELECT count(*) FROM outbox WHERE completed_at > now() - interval '1 minute') AS completed_last_minute
+  (SELECT count(*) FROM outbox WHERE state = '{S.COMPLETED}' AND completed_at > now() - interval '1 minute')
+      AS completed_last_minute
 """
 
 
@@ -372,9 +527,9 @@ async def figures(connection: Connection) -> dict[str, Any]:
     return dict(row)
 
 
-_LATENCY = """
+_LATENCY = f"""
 SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - created_at))
-FROM outbox WHERE completed_at > now() - interval '1 minute'
+FROM outbox WHERE state = '{S.COMPLETED}' AND completed_at > now() - interval '1 minute'
 """
 
 
@@ -407,50 +562,101 @@ async def given_up(connection: Connection, limit: int) -> list[GivenUp]:
     return [GivenUp(**dict(r)) for r in await connection.fetch(_GIVEN_UP, limit)]
 
 
+# An email whose send may have happened: a lease was taken to send it and no delivery finished
+# or proved that nothing was sent (a worker that died mid-send, a reply lost after the data).
+# Replaying it sends it again; the operator must say so (--force).
+_IN_DOUBT = f"""
+EXISTS (SELECT 1 FROM task_runs AS r
+        WHERE r.task_id = outbox.id::text AND r.task_name = '{SEND_TRANSACTION_EMAIL}'
+          AND r.state = '{RunState.RUNNING}' AND r.sends_in_doubt > 0)"""
 _REPLAY_RESET = f"""
 SET state = '{S.PENDING}', attempts = 0, republishes = 0, next_attempt_at = now(),
-    published_at = NULL, completed_at = NULL, last_error = $2"""
+    published_at = NULL, completed_at = NULL, last_error = $2,
+    delivery_started_at = NULL, delivery_lease_until = NULL"""
 _REPLAY = f"""
 UPDATE outbox {_REPLAY_RESET}
-WHERE id = ANY($1::uuid[]) AND state IN ('{S.DEAD}', '{S.FAILED}')
+WHERE id = ANY($1::uuid[]) AND state IN ('{S.DEAD}', '{S.FAILED}') AND NOT ($3 AND {_IN_DOUBT})
 RETURNING id
 """
 _REPLAY_STATES = f"""
 UPDATE outbox {_REPLAY_RESET}
-WHERE state = ANY($1::text[]) AND state IN ('{S.DEAD}', '{S.FAILED}')
+WHERE state = ANY($1::text[]) AND state IN ('{S.DEAD}', '{S.FAILED}') AND NOT ($3 AND {_IN_DOUBT})
 RETURNING id
 """
 
 
 async def replay(
-    connection: Connection, *, ids: Sequence[UUID] = (), states: Sequence[OutboxState] = (), reason: str
+    connection: Connection,
+    *,
+    ids: Sequence[UUID] = (),
+    states: Sequence[OutboxState] = (),
+    reason: str,
+    spare_in_doubt: bool = True,
 ) -> set[UUID]:
     """Put dead or failed rows (the given ids, or every row in `states`) back to pending with fresh
-    counters. Returns the ids replayed; others are left alone. Run it in a transaction with notify()."""
+    counters. Returns the ids replayed; others are left alone, and so are emails whose send may
+    have happened (see in_doubt()) unless `spare_in_doubt` is False. Run it in a transaction with
+    notify()."""
     if ids:
-        records = await connection.fetch(_REPLAY, list(ids), reason)
+        records = await connection.fetch(_REPLAY, list(ids), reason, spare_in_doubt)
     else:
-        records = await connection.fetch(_REPLAY_STATES, [str(s) for s in states], reason)
+        records = await connection.fetch(_REPLAY_STATES, [str(s) for s in states], reason, spare_in_doubt)
     return {r["id"] for r in records}
 
 
-# Short statements, each deleting at most `limit` rows and skipping rows someone holds. Only
-# completed rows: a published row is still tracked by the reconciler until its task completes,
-# and dead or failed rows wait for an operator.
-_PURGE = f"""
-DELETE FROM outbox WHERE id IN (
-    SELECT id FROM outbox
-    WHERE state = '{S.COMPLETED}' AND completed_at < now() - $1::interval
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
+@dataclass(frozen=True, slots=True)
+class InDoubt:
+    id: UUID
+    last_send_started_at: datetime
+    sends_in_doubt: int
+
+
+_IN_DOUBT_ROWS = f"""
+SELECT outbox.id, r.started_at AS last_send_started_at, r.sends_in_doubt
+FROM outbox JOIN task_runs AS r ON r.task_id = outbox.id::text
+WHERE (outbox.id = ANY($1::uuid[]) OR outbox.state = ANY($2::text[]))
+  AND outbox.state IN ('{S.DEAD}', '{S.FAILED}') AND {_IN_DOUBT}
+ORDER BY outbox.created_at
 """
 
 
-async def purge_completed(connection: Connection, older_than: timedelta, limit: int) -> int:
-    """Delete at most `limit` rows completed more than `older_than` ago. Returns how many."""
-    result = await connection.execute(_PURGE, older_than, limit)
-    return int(result.split()[-1])
+async def in_doubt(
+    connection: Connection, *, ids: Sequence[UUID] = (), states: Sequence[OutboxState] = ()
+) -> list[InDoubt]:
+    """The dead or failed email rows among `ids` (or in `states`) whose send may have happened."""
+    records = await connection.fetch(_IN_DOUBT_ROWS, list(ids), [str(s) for s in states])
+    return [InDoubt(**dict(r)) for r in records]
+
+
+# Short statements, each deleting at most `limit` rows (oldest completions first, on
+# ix_outbox_completed) and skipping rows someone holds, with their task_runs records. Only
+# completed rows: a published row is still tracked by the reconciler until its task completes,
+# and dead or failed rows wait for an operator.
+_PURGE = f"""
+WITH doomed AS (
+    SELECT id FROM outbox
+    WHERE state = '{S.COMPLETED}' AND completed_at < now() - $1::interval
+    ORDER BY completed_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM outbox AS o USING doomed WHERE o.id = doomed.id RETURNING o.id
+), runs AS (
+    DELETE FROM task_runs AS r USING gone WHERE r.task_id = gone.id::text RETURNING r.task_id
+)
+SELECT (SELECT count(*) FROM gone) AS rows, (SELECT count(*) FROM runs) AS runs
+"""
+
+
+async def purge_completed(connection: Connection, older_than: timedelta, limit: int) -> tuple[int, int]:
+    """Delete at most `limit` rows completed more than `older_than` ago, and their task runs.
+
+    Returns (outbox rows, task runs) deleted. The caller chooses `older_than` longer than the
+    longest redelivery window: a duplicate that arrives after its record is gone runs again.
+    """
+    row = await connection.fetchrow(_PURGE, older_than, limit)
+    assert row is not None
+    return int(row["rows"]), int(row["runs"])
 
 
 # --- Measurement (the bench and the tests read the pipeline's timings) --------------------------
@@ -464,12 +670,13 @@ class Timing:
     state: str
     created_at: datetime
     published_at: datetime | None
-    started_at: datetime | None  # when a worker began its effect (task_runs)
+    started_at: datetime | None  # when a worker began its delivery (the latest, if several)
     completed_at: datetime | None
 
 
 _TIMINGS = """
-SELECT o.id, o.transaction_id, o.task_name, o.state, o.created_at, o.published_at, r.started_at, o.completed_at
+SELECT o.id, o.transaction_id, o.task_name, o.state, o.created_at, o.published_at,
+       COALESCE(o.delivery_started_at, r.started_at) AS started_at, o.completed_at
 FROM outbox o LEFT JOIN task_runs r ON r.task_id = o.id::text
 WHERE o.id = ANY($1::uuid[])
 """
@@ -513,12 +720,16 @@ async def run_count(connection: Connection) -> int:
     return int(await connection.fetchval(_RUN_COUNT))
 
 
-_FILL = "INSERT INTO outbox (id, task_name, kwargs) SELECT gen_random_uuid(), $1, $2::jsonb FROM generate_series(1, $3)"
+_FILL = """
+INSERT INTO outbox (id, task_name, kwargs, next_attempt_at)
+SELECT gen_random_uuid(), $1, $2::jsonb, now() + make_interval(secs => $4) FROM generate_series(1, $3)
+"""
 
 
-async def fill(connection: Connection, task_name: str, kwargs_json: str, rows: int) -> None:
-    """Write `rows` identical pending rows (the bench's backlogs)."""
-    await connection.execute(_FILL, task_name, kwargs_json, rows)
+async def fill(connection: Connection, task_name: str, kwargs_json: str, rows: int, due_in: float = 0.0) -> None:
+    """Write `rows` identical pending rows (the bench's backlogs), due `due_in` seconds from now
+    (a positive value stands for rows waiting in backoff)."""
+    await connection.execute(_FILL, task_name, kwargs_json, rows, float(due_in))
 
 
 async def analyze(connection: Connection) -> None:

@@ -18,7 +18,7 @@ class OutboxState(StrEnum):
     PUBLISHED = "published"  # the broker accepted its message; no worker has finished it yet
     COMPLETED = "completed"  # a worker made its effect; final
     FAILED = "failed"  # the task gave up (a permanent error, or its retries ran out)
-    DEAD = "dead"  # publishing gave up (attempts or re-publishes used up)
+    DEAD = "dead"  # publishing gave up (attempts or re-publishes used up), or a poison row
 
 
 class RunState(StrEnum):
@@ -35,14 +35,20 @@ _S = OutboxState
 OUTBOX_TRANSITIONS: Final[frozenset[tuple[OutboxState, OutboxState]]] = frozenset(
     {
         (_S.PENDING, _S.PUBLISHED),  # a relay published it
-        (_S.PENDING, _S.PENDING),  # a publish failed; retried later
-        (_S.PENDING, _S.DEAD),  # publishing failed RELAY_MAX_ATTEMPTS times
-        (_S.PUBLISHED, _S.PENDING),  # the reconciler found its message gone: publish again
+        # A publish failed (retried later), or a worker recorded a delivery's start on a row whose
+        # publishing transaction had not committed yet.
+        (_S.PENDING, _S.PENDING),
+        # The broker refused it RELAY_MAX_ATTEMPTS times, or it is a poison row (kwargs that
+        # cannot be decoded or are not an object, a task the contract does not know): dead at once.
+        (_S.PENDING, _S.DEAD),
+        (_S.PUBLISHED, _S.PUBLISHED),  # a worker recorded a delivery's start, or extended its lease
+        (_S.PUBLISHED, _S.PENDING),  # the reconciler found evidence that its message is gone: publish again
         (_S.PUBLISHED, _S.DEAD),  # ... more than RELAY_MAX_REPUBLISHES times
         (_S.PUBLISHED, _S.FAILED),  # the task gave up
-        # A worker finished the task. Also from pending, dead and failed: a message published
-        # before the row went back to pending, or a redelivery after the row was given up,
-        # still made its effect, and the row must say so.
+        # A worker finished the task (or the reconciler found its effect recorded in task_runs
+        # while the row still said published). Also from pending, dead and failed: a message
+        # published before the row went back to pending, or a redelivery after the row was given
+        # up, still made its effect, and the row must say so.
         (_S.PUBLISHED, _S.COMPLETED),
         (_S.PENDING, _S.COMPLETED),
         (_S.DEAD, _S.COMPLETED),

@@ -6,10 +6,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import httpx
@@ -92,6 +95,7 @@ class System:
     workdir: Path
     api_port: int = field(default_factory=free_port)
     processes: dict[str, Managed] = field(default_factory=dict)
+    holder_key: str = ""  # set by open_accounts()
 
     @property
     def base_url(self) -> str:
@@ -161,6 +165,90 @@ class System:
 
     def logs(self) -> str:
         return "\n".join(f"===== {name} =====\n{m.log()[-6000:]}" for name, m in self.processes.items())
+
+    @property
+    def database_url(self) -> str:
+        return self.env["DATABASE_URL"]
+
+    def add_relay(self, name: str, **env: str) -> Managed:
+        """Another relay process with extra environment (not started)."""
+        managed = Managed(name, [sys.executable, "-m", "relay"], {**self.env, **env}, self.workdir / f"{name}.log")
+        self.processes[name] = managed
+        return managed
+
+    def open_accounts(self, count: int, balance: str = "1000000.00") -> list[str]:
+        """`count` funded accounts of one client, whose HTTP client `holder()` gives."""
+        self.holder_key = self.new_client_key("holder")
+        return self.funded_accounts(self.holder_key, *[balance] * count)
+
+    def holder(self) -> httpx.Client:
+        """An HTTP client with the key of the client open_accounts() made."""
+        return self.client(self.holder_key)
+
+    def transfer(self, client: httpx.Client, source: str, target: str, amount: str = "1.00") -> str:
+        """One transfer; returns its transaction id (fails the test if it was not committed)."""
+        response = client.post(
+            "/api/v1/transactions/transfer", json={"from_account_id": source, "to_account_id": target, "amount": amount}
+        )
+        assert response.status_code == 201, response.text
+        transaction_id: str = response.json()["id"]
+        return transaction_id
+
+    def each_transfer_once(self, committed: set[str]) -> None:
+        """Every outbox row completed, and each committed transfer (and each deposit that funded the
+        accounts) has exactly one audit row and exactly one email (by Message-ID), and nothing
+        else has any."""
+        from tests.e2e.queries import fetch
+
+        database = self.database_url
+        deposits = {r["id"] for r in fetch(database, "SELECT id::text AS id FROM transactions WHERE kind = 'deposit'")}
+        committed = committed | deposits
+        rows = fetch(database, "SELECT id::text AS id, task_name, state, transaction_id::text AS tx FROM outbox")
+        assert {r["state"] for r in rows} == {"completed"}
+        assert {r["tx"] for r in rows} == committed
+        audit = Counter(r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log"))
+        assert audit == dict.fromkeys(committed, 1), "an audit row is missing or was written twice"
+        emails = {f"<{r['id']}@outbox-transfers>" for r in rows if r["task_name"] == "send_transaction_email"}
+        received = Counter(message["Message-ID"] for message in self.smtp.received())
+        assert received == dict.fromkeys(emails, 1), f"an email is missing or went out twice: {received.most_common(3)}"
+
+
+@dataclass
+class TransferLoad:
+    """Transfers between the given accounts at a steady rate, from a background thread, until the
+    block ends. Every transfer must commit (the accounts hold far more than they move)."""
+
+    system: System
+    accounts: list[str]
+    rate: float
+    committed: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _error: BaseException | None = None
+
+    def __enter__(self) -> TransferLoad:
+        self._thread = threading.Thread(target=self._run, name="transfer-load", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(30)
+        if self._error is not None and kind is None:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            with self.system.holder() as client:
+                index = 0
+                while not self._stop.wait(1 / self.rate):
+                    source = self.accounts[index % len(self.accounts)]
+                    target = self.accounts[(index + 1) % len(self.accounts)]
+                    self.committed.add(self.system.transfer(client, source, target))
+                    index += 1
+        except BaseException as error:  # reported by __exit__
+            self._error = error
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

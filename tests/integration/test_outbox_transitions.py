@@ -67,13 +67,41 @@ def _fail_claimed(max_attempts: int) -> Callable[[asyncpg.Connection, Rows], Awa
     return run
 
 
-def _reset_overdue(max_republishes: int) -> Callable[[asyncpg.Connection, Rows], Awaitable[None]]:
+def _reconcile(
+    max_republishes: int, *, record_effects: bool = False
+) -> Callable[[asyncpg.Connection, Rows], Awaitable[None]]:
     async def run(db: asyncpg.Connection, rows: Rows) -> None:
-        await queries.reset_overdue(
-            db, deadline=1, limit=100, max_republishes=max_republishes, dead_reason="dead", republished_reason="again"
+        if record_effects:
+            for row_id in rows.values():
+                await queries.record_run_done(db, str(row_id), "audit_log_transaction", {})
+        await queries.reconcile_published(
+            db,
+            deadline=1,
+            limit=100,
+            max_republishes=max_republishes,
+            queue=queries.QueueObservation(empty=True, held=frozenset()),
+            order_margin=1,
         )
 
     return run
+
+
+async def _mark_poison_dead(db: asyncpg.Connection, rows: Rows) -> None:
+    async with db.transaction():
+        claimed = await queries.claim_pending(db, 100)
+        await queries.mark_dead(db, [(row_id, "poison") for row_id in [r.id for r in claimed] + list(rows.values())])
+
+
+async def _start_each(db: asyncpg.Connection, rows: Rows) -> None:
+    for row_id in rows.values():
+        await queries.start_delivery(db, row_id, str(row_id), 60)
+
+
+async def _extend_each(db: asyncpg.Connection, rows: Rows) -> None:
+    await _start_each(db, rows)
+    await db.execute("TRUNCATE seen_transitions")
+    for row_id in rows.values():
+        await queries.extend_delivery(db, row_id, 120)
 
 
 async def _complete_each(db: asyncpg.Connection, rows: Rows) -> None:
@@ -94,16 +122,25 @@ async def _replay_states(db: asyncpg.Connection, rows: Rows) -> None:
     await queries.replay(db, states=list(ALL_OUTBOX_STATES), reason="replayed")
 
 
+async def _replay_forced(db: asyncpg.Connection, rows: Rows) -> None:
+    await queries.replay(db, ids=list(rows.values()), reason="replayed", spare_in_doubt=False)
+
+
 OPERATIONS: dict[str, tuple[Callable[[asyncpg.Connection, Rows], Awaitable[None]], set[tuple[S, S]]]] = {
     "claim + mark_published": (_claim_and_publish, {(S.PENDING, S.PUBLISHED)}),
     "record_failures, attempts left": (_fail_claimed(100), {(S.PENDING, S.PENDING)}),
     "record_failures, attempts used up": (_fail_claimed(1), {(S.PENDING, S.DEAD)}),
-    "reset_overdue": (_reset_overdue(5), {(S.PUBLISHED, S.PENDING)}),
-    "reset_overdue, re-publishes used up": (_reset_overdue(0), {(S.PUBLISHED, S.DEAD)}),
+    "mark_dead (poison rows)": (_mark_poison_dead, {(S.PENDING, S.DEAD)}),
+    "reconcile_published, message gone": (_reconcile(5), {(S.PUBLISHED, S.PENDING)}),
+    "reconcile_published, re-publishes used up": (_reconcile(0), {(S.PUBLISHED, S.DEAD)}),
+    "reconcile_published, effect recorded": (_reconcile(5, record_effects=True), {(S.PUBLISHED, S.COMPLETED)}),
+    "start_delivery": (_start_each, {(S.PENDING, S.PENDING), (S.PUBLISHED, S.PUBLISHED)}),
+    "extend_delivery": (_extend_each, {(S.PENDING, S.PENDING), (S.PUBLISHED, S.PUBLISHED)}),
     "complete": (_complete_each, {(s, S.COMPLETED) for s in ALL_OUTBOX_STATES if s != S.COMPLETED}),
     "fail": (_fail_each, {(S.PENDING, S.FAILED), (S.PUBLISHED, S.FAILED)}),
     "replay ids": (_replay_ids, {(S.DEAD, S.PENDING), (S.FAILED, S.PENDING)}),
     "replay states": (_replay_states, {(S.DEAD, S.PENDING), (S.FAILED, S.PENDING)}),
+    "replay --force": (_replay_forced, {(S.DEAD, S.PENDING), (S.FAILED, S.PENDING)}),
 }
 
 
@@ -118,12 +155,16 @@ async def test_statement_makes_only_allowed_transitions(name: str, db: asyncpg.C
     assert expected <= seen, f"{name} did not make {expected - seen}"
 
 
-async def test_purge_deletes_only_completed_rows(db: asyncpg.Connection, rows: Rows) -> None:
+async def test_purge_deletes_only_completed_rows_and_their_task_runs(db: asyncpg.Connection, rows: Rows) -> None:
+    for row_id in rows.values():
+        await queries.record_run_done(db, str(row_id), "audit_log_transaction", {})
+
     deleted = await queries.purge_completed(db, timedelta(minutes=1), 100)
 
-    remaining = {r["id"] for r in await db.fetch("SELECT id FROM outbox")}
-    assert deleted == 1
-    assert remaining == {row_id for state, row_id in rows.items() if state != S.COMPLETED}
+    kept = {row_id for state, row_id in rows.items() if state != S.COMPLETED}
+    assert deleted == (1, 1)
+    assert {r["id"] for r in await db.fetch("SELECT id FROM outbox")} == kept
+    assert {r["task_id"] for r in await db.fetch("SELECT task_id FROM task_runs")} == {str(i) for i in kept}
 
 
 def test_nothing_leaves_completed() -> None:

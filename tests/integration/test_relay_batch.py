@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 
 import asyncpg
@@ -20,18 +22,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.ledger import Ledger, TransferRequest
 from core.outbox import queries
-from core.outbox.queries import claim_pending
+from core.outbox.queries import Evidence, QueueObservation, claim_pending
 from core.outbox.states import OutboxState
 from core.settings import Settings
 from devservers.embedded import free_port
 from relay import operator
 from relay.batch import BatchResult, relay_batch
+from relay.broker import RedisQueueInspector, create_inspector
 from relay.celery_app import create_celery_app
 from relay.db import connect
 from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, create_publisher
-from relay.reconciler import DEAD_REASON, REPUBLISHED_REASON, reconcile
+from relay.reconciler import order_margin, reconcile
 from tests.conftest import account_holder, funded_account
 from tests.relays import PrivateRedis, new_queue, queued_messages
+from tests.workers import insert_outbox_row, start_worker, worker_env, worker_settings
 
 INSERT = "INSERT INTO outbox (id, task_name, kwargs, created_at) VALUES ($1, $2, $3::jsonb, $4)"
 
@@ -145,74 +149,124 @@ async def test_uncommitted_and_rolled_back_rows_are_never_published_and_late_com
     assert never not in created
 
 
-async def test_a_poison_row_does_not_block_the_others_dies_after_max_attempts_and_can_be_replayed(
+POISON = {
+    "undecodable number": ("audit_log_transaction", '{"a": 1e5000}', "undecodable kwargs"),
+    "undecodable nesting": ("audit_log_transaction", '{"a": ' + "[" * 5000 + "]" * 5000 + "}", "undecodable kwargs"),
+    "not an object": ("audit_log_transaction", "[1, 2]", "kwargs must be a JSON object, got list"),
+    "unknown task": ("no_such_task", "{}", "task 'no_such_task' is not in the contract"),
+}
+
+
+async def test_poison_rows_are_dead_at_once_with_their_reason_and_the_rest_of_the_batch_goes_out(
     relay_settings: Settings, db: asyncpg.Connection, publisher: Publisher, broker: PrivateRedis
 ) -> None:
-    poison = uuid.uuid4()
-    # kwargs must be a JSON object; an array is a payload no publisher can turn into a task.
-    await db.execute(
-        INSERT, poison, "audit_log_transaction", [1, 2], await db.fetchval("SELECT now() - interval '1 s'")
-    )
+    poison = {}
+    for name, (task_name, kwargs, _) in POISON.items():
+        poison[name] = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO outbox (id, task_name, kwargs) VALUES ($1, $2, $3::text::jsonb)",
+            poison[name],
+            task_name,
+            kwargs,
+        )
     good = await insert_rows(db, 5)
 
-    first = await relay_batch(db, publisher, relay_settings)
-    assert (first.claimed, first.published, first.failed) == (6, 5, 1)
-    for _ in range(50):
-        if (await states(db))[poison]["state"] == OutboxState.DEAD:
-            break
-        await asyncio.sleep(0.02)
-        await relay_batch(db, publisher, relay_settings)
+    result = await relay_batch(db, publisher, relay_settings)
 
+    assert (result.claimed, result.published, result.failed, result.poisoned) == (9, 5, 0, 4)
     rows = await states(db)
-    assert rows[poison]["state"] == OutboxState.DEAD
-    assert rows[poison]["attempts"] == relay_settings.relay_max_attempts
-    assert "task keyword arguments must be a mapping" in rows[poison]["last_error"]
+    for name, (_, _, reason) in POISON.items():
+        row = rows[poison[name]]
+        assert (row["state"], row["attempts"]) == (OutboxState.DEAD, 0), name
+        assert row["last_error"].startswith("poison row: "), row["last_error"]
+        assert reason in row["last_error"], row["last_error"]
     assert all(rows[row_id]["state"] == OutboxState.PUBLISHED for row_id in good)
     queued = [m.task_id for m in queued_messages(broker.client(), relay_settings.celery_task_queue)]
     assert sorted(queued) == sorted(map(str, good))
     assert (await relay_batch(db, publisher, relay_settings)).claimed == 0  # dead rows are not tried again
 
-    assert await operator.replay(db, io.StringIO(), io.StringIO(), [poison], []) == 0
-    replayed = (await states(db))[poison]
+    assert await operator.replay(db, io.StringIO(), io.StringIO(), [poison["not an object"]], []) == 0
+    replayed = (await states(db))[poison["not an object"]]
     assert (replayed["state"], replayed["attempts"]) == (OutboxState.PENDING, 0)
 
 
+async def test_a_message_the_broker_refuses_counts_attempts_and_dies_after_max_attempts(
+    relay_settings: Settings, db: asyncpg.Connection, publisher: Publisher, broker: PrivateRedis
+) -> None:
+    # The queue's key holds a string: Redis refuses the LPUSH of these messages (WRONGTYPE), but
+    # the broker is up and answers. That is a refusal, which counts, not an outage, which does not.
+    client = broker.client()
+    client.set(relay_settings.celery_task_queue, "not a list")
+    ids = await insert_rows(db, 3)
+    try:
+        for _ in range(relay_settings.relay_max_attempts):
+            result = await relay_batch(db, publisher, relay_settings)
+            assert (result.claimed, result.failed, result.unreachable) == (3, 3, None)
+            await asyncio.sleep(0.05)  # past the (short) backoff
+    finally:
+        client.delete(relay_settings.celery_task_queue)
+    rows = await states(db)
+    assert {(rows[i]["state"], rows[i]["attempts"]) for i in ids} == {(OutboxState.DEAD, 3)}
+    assert all("WRONGTYPE" in rows[i]["last_error"] for i in ids)
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["redis-pipeline", "send_task"])
-async def test_broker_down_counts_attempts_publishes_nothing_then_drains(
+async def test_an_unreachable_broker_counts_no_attempt_publishes_nothing_then_drains(
     relay_settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, fast: bool
 ) -> None:
     refusing = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    down = relay_settings.model_copy(
-        update={"celery_broker_url_override": refusing, "relay_fast_publish": fast, "relay_max_attempts": 10}
-    )
+    down = relay_settings.model_copy(update={"celery_broker_url_override": refusing, "relay_fast_publish": fast})
     up = relay_settings.model_copy(update={"relay_fast_publish": fast})
     ids = await insert_rows(db, 20)
     failing = create_publisher(down)
     assert isinstance(failing, RedisBatchPublisher if fast else SendTaskPublisher)
     try:
-        for _ in range(2):
+        # Far more batches than RELAY_MAX_ATTEMPTS (3): an outage of any length kills no row.
+        for _ in range(5):
             result = await relay_batch(db, failing, down)
-            assert (result.claimed, result.published, result.failed) == (20, 0, 20)
-            await asyncio.sleep(0.05)  # past the (short) backoff
+            assert (result.claimed, result.published, result.failed, result.dead) == (20, 0, 0, 0)
+            assert "broker" in str(result.unreachable)
+        assert await failing.probe() is not None
     finally:
         await failing.close()
 
     rows = await states(db)
-    assert {(r["state"], r["attempts"]) for r in rows.values()} == {(OutboxState.PENDING, 2)}
-    assert all("broker" in r["last_error"] for r in rows.values())
+    assert {(r["state"], r["attempts"], r["last_error"]) for r in rows.values()} == {(OutboxState.PENDING, 0, None)}
     assert all(r["published_at"] is None for r in rows.values())
     assert queued_messages(broker.client(), relay_settings.celery_task_queue) == []
 
     working = create_publisher(up)
     try:
-        await asyncio.sleep(0.05)
+        assert await working.probe() is None
         await drain(db, working, up)
     finally:
         await working.close()
     rows = await states(db)
-    assert {(r["state"], r["attempts"]) for r in rows.values()} == {(OutboxState.PUBLISHED, 3)}
+    assert {(r["state"], r["attempts"]) for r in rows.values()} == {(OutboxState.PUBLISHED, 1)}
     queued = [m.task_id for m in queued_messages(broker.client(), relay_settings.celery_task_queue)]
     assert sorted(queued) == sorted(map(str, ids))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["redis-pipeline", "send_task"])
+async def test_a_publisher_recovers_when_its_broker_comes_back(
+    relay_settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, fast: bool
+) -> None:
+    settings = relay_settings.model_copy(update={"relay_fast_publish": fast})
+    publisher = create_publisher(settings)
+    try:
+        await insert_rows(db, 2)
+        assert (await relay_batch(db, publisher, settings)).published == 2
+        broker.stop()
+        try:
+            await insert_rows(db, 2)
+            assert (await relay_batch(db, publisher, settings)).unreachable is not None
+            assert await publisher.probe() is not None
+        finally:
+            broker.start()
+        assert await publisher.probe() is None
+        assert (await relay_batch(db, publisher, settings)).published == 2
+    finally:
+        await publisher.close()
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["redis-pipeline", "send_task"])
@@ -238,8 +292,9 @@ async def test_a_hung_broker_times_out_instead_of_stalling(
         finally:
             await publisher.close()
         assert time.monotonic() - started < 5
-    assert (result.claimed, result.failed) == (3, 3)
-    assert {r["state"] for r in (await states(db)).values()} == {OutboxState.PENDING}
+    assert (result.claimed, result.failed) == (3, 0)
+    assert result.unreachable is not None  # a timeout is the broker not answering, not a refusal
+    assert {(r["state"], r["attempts"]) for r in (await states(db)).values()} == {(OutboxState.PENDING, 0)}
 
 
 async def test_two_concurrent_claims_never_take_the_same_row(relay_settings: Settings, db: asyncpg.Connection) -> None:
@@ -286,47 +341,161 @@ async def test_claim_never_switches_to_a_generic_plan_under_sustained_use(
 
 
 async def published_row(
-    db: asyncpg.Connection, age_s: float, state: str = OutboxState.PUBLISHED, republishes: int = 0
+    db: asyncpg.Connection,
+    age_s: float,
+    state: str = OutboxState.PUBLISHED,
+    republishes: int = 0,
+    *,
+    started_ago: float | None = None,
+    lease_left: float = 0.0,
 ) -> uuid.UUID:
+    """A row published `age_s` ago; with `started_ago`, a delivery started then, alive `lease_left` more."""
     row_id = uuid.uuid4()
     await db.execute(
-        "INSERT INTO outbox (id, task_name, kwargs, state, attempts, republishes, published_at, completed_at) "
+        "INSERT INTO outbox (id, task_name, kwargs, state, attempts, republishes, published_at, completed_at, "
+        "delivery_started_at, delivery_lease_until) "
         "VALUES ($1, 'audit_log_transaction', '{}', $2::text, 1, $3, now() - make_interval(secs => $4), "
-        "CASE WHEN $2::text = 'completed' THEN now() END)",
+        "CASE WHEN $2::text = 'completed' THEN now() END, "
+        "now() - make_interval(secs => $5), now() + make_interval(secs => $6))",
         row_id,
         state,
         republishes,
         age_s,
+        started_ago,
+        lease_left,
     )
     return row_id
 
 
-async def test_reconciler_republishes_overdue_rows_then_marks_them_dead_and_leaves_others(
+def judge(
+    settings: Settings, queue: QueueObservation, max_republishes: int = 2
+) -> Callable[[asyncpg.Connection], Awaitable[list[queries.Reconciled]]]:
+    async def run(db: asyncpg.Connection) -> list[queries.Reconciled]:
+        return await queries.reconcile_published(
+            db,
+            deadline=60,
+            limit=100,
+            max_republishes=max_republishes,
+            queue=queue,
+            order_margin=order_margin(settings),
+        )
+
+    return run
+
+
+EMPTY = QueueObservation(empty=True, held=frozenset())
+BUSY = QueueObservation(empty=False, held=frozenset())
+UNKNOWN = QueueObservation(empty=None, held=None)
+
+
+async def test_a_queued_message_is_never_republished_however_old(
     relay_settings: Settings, db: asyncpg.Connection
 ) -> None:
-    settings = relay_settings.model_copy(update={"relay_completion_deadline": 60, "relay_max_republishes": 2})
-    overdue = await published_row(db, 120)
+    waiting = await published_row(db, 86_400)  # a day in a queue that never empties
+    for queue in (BUSY, UNKNOWN):
+        assert await judge(relay_settings, queue)(db) == []
+    assert (await states(db))[waiting]["state"] == OutboxState.PUBLISHED
+
+
+async def test_a_row_whose_queue_is_empty_is_republished_then_dies_and_others_are_left(
+    relay_settings: Settings, db: asyncpg.Connection
+) -> None:
+    gone = await published_row(db, 120)
     exhausted = await published_row(db, 120, republishes=2)
     recent = await published_row(db, 10)
+    held = await published_row(db, 120)  # a worker took it and has not started it yet
+    running = await published_row(db, 120, started_ago=100, lease_left=30)
     failed = await published_row(db, 120, OutboxState.FAILED)
     completed = await published_row(db, 120, OutboxState.COMPLETED)
     before = await states(db)
 
-    result = await reconcile(db, settings)
+    changed = await judge(relay_settings, QueueObservation(empty=True, held=frozenset({held})))(db)
 
+    assert {(r.id, r.state, r.evidence) for r in changed} == {
+        (gone, OutboxState.PENDING, Evidence.QUEUE_EMPTY),
+        (exhausted, OutboxState.DEAD, Evidence.QUEUE_EMPTY),
+    }
     rows = await states(db)
-    assert (result.republished, result.dead) == (1, 1)
-    assert (rows[overdue]["state"], rows[overdue]["republishes"], rows[overdue]["attempts"]) == (
-        OutboxState.PENDING,
-        1,
-        0,
-    )
-    assert rows[overdue]["last_error"] == REPUBLISHED_REASON
+    assert (rows[gone]["republishes"], rows[gone]["attempts"]) == (1, 0)
+    assert rows[gone]["last_error"] == "re-published: queue empty"
     assert (rows[exhausted]["state"], rows[exhausted]["republishes"]) == (OutboxState.DEAD, 2)
-    assert rows[exhausted]["last_error"] == DEAD_REASON.format(2)
-    for untouched in (recent, failed, completed):
+    assert rows[exhausted]["last_error"] == "message gone after 2 re-publishes: queue empty"
+    for untouched in (recent, held, running, failed, completed):
         assert rows[untouched] == before[untouched]
-    assert (await reconcile(db, settings)) == type(result)(0, 0)
+    assert await judge(relay_settings, QueueObservation(empty=True, held=frozenset({held})))(db) == []
+
+
+async def test_a_started_delivery_is_republished_only_once_its_lease_ran_out(
+    relay_settings: Settings, db: asyncpg.Connection
+) -> None:
+    alive = await published_row(db, 300, started_ago=290, lease_left=60)
+    dead = await published_row(db, 300, started_ago=290, lease_left=-200)
+
+    changed = await judge(relay_settings, BUSY)(db)
+
+    assert [(r.id, r.evidence) for r in changed] == [(dead, Evidence.LEASE_RAN_OUT)]
+    rows = await states(db)
+    assert rows[alive]["state"] == OutboxState.PUBLISHED
+    row = await db.fetchrow("SELECT state, delivery_started_at, delivery_lease_until FROM outbox WHERE id = $1", dead)
+    assert row is not None
+    assert (row["state"], row["delivery_started_at"], row["delivery_lease_until"]) == (OutboxState.PENDING, None, None)
+
+
+async def test_the_queue_moving_past_a_row_that_never_started_shows_it_is_gone(
+    relay_settings: Settings, db: asyncpg.Connection
+) -> None:
+    margin = order_margin(relay_settings)
+    skipped = await published_row(db, 600)
+    just_before = await published_row(db, 300 + margin / 2)  # within the margin: could still be in flight
+    await published_row(db, 300, OutboxState.COMPLETED)  # a worker finished a message published later
+
+    changed = await judge(relay_settings, BUSY)(db)
+
+    assert [(r.id, r.evidence) for r in changed] == [(skipped, Evidence.QUEUE_PASSED)]
+    assert (await states(db))[just_before]["state"] == OutboxState.PUBLISHED
+
+
+async def test_a_row_whose_task_recorded_its_effect_is_completed_not_republished(
+    relay_settings: Settings, db: asyncpg.Connection
+) -> None:
+    row_id = await published_row(db, 120)
+    await queries.record_run_done(db, str(row_id), "audit_log_transaction", {"ok": True})
+
+    changed = await judge(relay_settings, EMPTY)(db)
+
+    assert [(r.id, r.state, r.evidence) for r in changed] == [(row_id, OutboxState.COMPLETED, Evidence.EFFECT_RECORDED)]
+    assert (await states(db))[row_id]["republishes"] == 0
+
+
+async def test_reconcile_observes_the_queue_and_republishes_what_it_lost(
+    relay_settings: Settings, db: asyncpg.Connection, publisher: Publisher, broker: PrivateRedis
+) -> None:
+    settings = relay_settings.model_copy(update={"relay_completion_deadline": 60})
+    ids = await insert_rows(db, 3)
+    await drain(db, publisher, settings)
+    await db.execute("UPDATE outbox SET published_at = now() - interval '1 hour'")
+    inspector = create_inspector(settings)
+    assert isinstance(inspector, RedisQueueInspector)
+    client = broker.client()
+    try:
+        assert (await reconcile(db, inspector, settings)).republished == 0  # all three still queued
+        # A worker takes the first (kombu records it in its unacked hash) and the broker loses the rest.
+        first, *_ = queued_messages(client, settings.celery_task_queue)
+        client.hset("unacked", "tag-1", json.dumps([first.raw, "", settings.celery_task_queue]))
+        client.delete(settings.celery_task_queue)
+        result = await reconcile(db, inspector, settings)
+    finally:
+        client.delete("unacked")
+        await inspector.close()
+    assert (result.republished, result.dead) == (2, 0)
+    rows = await states(db)
+    assert rows[uuid.UUID(first.task_id)]["state"] == OutboxState.PUBLISHED
+    assert sorted(r["state"] for r in rows.values()) == [
+        OutboxState.PENDING,
+        OutboxState.PENDING,
+        OutboxState.PUBLISHED,
+    ]
+    assert set(rows) == set(ids)
 
 
 async def test_replayed_and_reconciled_rows_keep_their_task_id(
@@ -335,10 +504,36 @@ async def test_replayed_and_reconciled_rows_keep_their_task_id(
     (row_id,) = await insert_rows(db, 1)
     await drain(db, publisher, relay_settings)
     await db.execute("UPDATE outbox SET published_at = now() - interval '1 hour' WHERE id = $1", row_id)
-    await reconcile(db, relay_settings.model_copy(update={"relay_completion_deadline": 60}))
+    await judge(relay_settings, EMPTY)(db)
     await drain(db, publisher, relay_settings)
     queued = [m.task_id for m in queued_messages(broker.client(), relay_settings.celery_task_queue)]
     assert queued == [str(row_id), str(row_id)]
+
+
+async def test_the_claim_reads_no_row_waiting_in_backoff(relay_settings: Settings, db: asyncpg.Connection) -> None:
+    await db.execute(
+        "INSERT INTO outbox (id, task_name, kwargs, next_attempt_at) "
+        "SELECT gen_random_uuid(), 'audit_log_transaction', '{}', now() + interval '1 hour' "
+        "FROM generate_series(1, 20000)"
+    )
+    await insert_rows(db, 30)
+    await db.execute("ANALYZE outbox")
+    async with db.transaction():
+        plan = await db.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= now() "
+            "ORDER BY next_attempt_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+        )
+    nodes = []
+    stack = [json.loads(plan)[0]["Plan"]]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.get("Plans", []))
+    scans = [n for n in nodes if "Scan" in n["Node Type"]]
+    assert [n.get("Index Name") for n in scans] == ["ix_outbox_due"], scans
+    # The 20,000 rows in backoff are outside the index range: none is read, none is filtered out.
+    assert scans[0]["Actual Rows"] == 30
+    assert scans[0].get("Rows Removed by Filter", 0) == 0
 
 
 async def test_send_task_publisher_matches_the_celery_app_settings(relay_settings: Settings) -> None:
@@ -346,3 +541,80 @@ async def test_send_task_publisher_matches_the_celery_app_settings(relay_setting
     assert app.conf.task_default_queue == relay_settings.celery_task_queue
     assert app.conf.task_serializer == "json"
     assert app.conf.task_publish_retry is False
+
+
+async def test_a_send_task_batch_longer_than_its_budget_leaves_the_rest_for_the_next_batch(
+    relay_settings: Settings, db: asyncpg.Connection, broker: PrivateRedis
+) -> None:
+    settings = relay_settings.model_copy(update={"relay_fast_publish": False, "relay_batch_size": 2000})
+    slow = SendTaskPublisher(create_celery_app(settings), settings.celery_task_queue, 1.0, batch_budget=0.2)
+    await insert_rows(db, 2000)
+    try:
+        result = await relay_batch(db, slow, settings)
+    finally:
+        await slow.close()
+    assert result.unreachable is None  # a slow batch is not an outage
+    assert 0 < result.published < 2000
+    rows = await states(db)
+    left = [r for r in rows.values() if r["state"] == OutboxState.PENDING]
+    assert len(left) == 2000 - result.published
+    assert {(r["attempts"], r["last_error"]) for r in left} == {(0, None)}
+
+
+async def test_the_inspector_sees_the_messages_a_real_worker_holds(
+    settings: Settings, engine: AsyncEngine, broker: PrivateRedis
+) -> None:
+    queue = new_queue()
+    held = worker_settings(
+        settings.async_database_url,
+        broker.url,
+        celery_task_queue=queue,
+        audit_write_delay=3.0,
+        celery_task_time_limit=10,
+        celery_task_soft_time_limit=9,
+        smtp_timeout=5,
+        celery_visibility_timeout=30,
+        celery_retry_backoff_max=5,
+    )
+    audit_id = await insert_outbox_row(engine, "audit_log_transaction", {})
+    inspector = create_inspector(held)
+    client = create_celery_app(held)
+    try:
+        with start_worker(worker_env(held), queue=queue) as worker:
+            client.send_task("audit_log_transaction", kwargs={"transaction_id": "t", "data": {}}, task_id=audit_id)
+            await asyncio.to_thread(worker.wait_for_log, "audit_log_transaction transaction_id=t")
+            observed = await inspector.observe()
+    finally:
+        await inspector.close()
+        client.close()
+    assert observed == QueueObservation(empty=True, held=frozenset({uuid.UUID(audit_id)}))
+
+
+@pytest.fixture
+def amqp_settings(relay_settings: Settings) -> Iterator[Settings]:
+    url = os.environ.get("TEST_AMQP_URL")
+    if not url:
+        pytest.skip("TEST_AMQP_URL is not set (e.g. amqp://guest:guest@127.0.0.1:5672//)")
+    settings = relay_settings.model_copy(update={"celery_broker_url_override": url, "celery_task_queue": new_queue()})
+    yield settings
+    with create_celery_app(settings).connection_for_write() as connection:
+        connection.default_channel.queue_delete(settings.celery_task_queue)
+
+
+async def test_a_rabbitmq_queue_is_inspected_by_its_ready_message_count(
+    amqp_settings: Settings, db: asyncpg.Connection
+) -> None:
+    inspector = create_inspector(amqp_settings)
+    publisher = create_publisher(amqp_settings)
+    try:
+        assert await inspector.observe() == QueueObservation(empty=None, held=None)  # no such queue yet
+        await insert_rows(db, 3)
+        assert (await relay_batch(db, publisher, amqp_settings)).published == 3
+        assert await publisher.probe() is None
+        assert await inspector.observe() == QueueObservation(empty=False, held=None)
+        with create_celery_app(amqp_settings).connection_for_write() as connection:
+            connection.default_channel.queue_purge(amqp_settings.celery_task_queue)
+        assert await inspector.observe() == QueueObservation(empty=True, held=None)
+    finally:
+        await publisher.close()
+        await inspector.close()

@@ -142,3 +142,61 @@ def test_unreachable_database_exits_1_with_a_clear_message(settings: Settings, a
     result = run_relay_command(env, *args)
     assert result.returncode == 1
     assert "error: cannot reach the database" in result.stderr
+
+
+async def test_replaying_an_email_whose_send_may_have_happened_needs_force(
+    db: asyncpg.Connection, env: dict[str, str]
+) -> None:
+    in_doubt, safe = uuid.uuid4(), uuid.uuid4()
+    for row_id in (in_doubt, safe):
+        await db.execute(
+            "INSERT INTO outbox (id, task_name, kwargs, state, last_error) "
+            "VALUES ($1, 'send_transaction_email', '{}', 'failed', 'TimeoutError')",
+            row_id,
+        )
+    # A delivery took the lease to send and never settled the outcome (it died, or the reply was lost).
+    await db.execute(
+        "INSERT INTO task_runs (task_id, task_name, state, lease_until, sends_in_doubt) "
+        "VALUES ($1, 'send_transaction_email', 'running', now() - interval '1 minute', 1), "
+        "($2, 'send_transaction_email', 'running', now() - interval '1 minute', 0)",
+        str(in_doubt),
+        str(safe),
+    )
+
+    refused = run_relay_command(env, "replay", str(in_doubt), str(safe))
+    assert refused.returncode == 1
+    assert refused.stdout.strip() == "replayed 1 row(s)"
+    assert f"error: {in_doubt}: its email may already have been sent" in refused.stderr
+    assert "--force" in refused.stderr
+    states = {r["id"]: r["state"] for r in await db.fetch("SELECT id, state FROM outbox")}
+    assert states == {in_doubt: OutboxState.FAILED, safe: OutboxState.PENDING}
+    listed = run_relay_command(env, "replay", "--all-failed")
+    assert (listed.returncode, listed.stdout.strip()) == (1, "replayed 0 row(s)")
+
+    forced = run_relay_command(env, "replay", "--force", str(in_doubt))
+    assert (forced.returncode, forced.stdout.strip(), forced.stderr) == (0, "replayed 1 row(s)", "")
+    assert await db.fetchval("SELECT state FROM outbox WHERE id = $1", in_doubt) == OutboxState.PENDING
+
+
+async def test_purge_takes_the_task_runs_with_their_rows_and_refuses_an_age_inside_the_redelivery_window(
+    db: asyncpg.Connection, env: dict[str, str]
+) -> None:
+    old = await add(db, OutboxState.COMPLETED, age_s=8 * 86_400)
+    recent = await add(db, OutboxState.COMPLETED, age_s=60)
+    for row_id in (old, recent):
+        await db.execute(
+            "INSERT INTO task_runs (task_id, task_name, state) VALUES ($1, 'audit_log_transaction', 'done')",
+            str(row_id),
+        )
+
+    too_short = run_relay_command(env, "purge", "--older-than", "30m")
+    assert too_short.returncode == 2
+    assert "shorter than the longest redelivery window (1:11:00" in too_short.stderr
+
+    result = run_relay_command(env, "purge", "--older-than", "7d")
+    assert (result.returncode, result.stdout.strip()) == (
+        0,
+        "purged 1 row(s) and 1 task run(s) older than 7 days, 0:00:00",
+    )
+    assert [r["id"] for r in await db.fetch("SELECT id FROM outbox")] == [recent]
+    assert [r["task_id"] for r in await db.fetch("SELECT task_id FROM task_runs")] == [str(recent)]

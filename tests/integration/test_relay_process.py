@@ -77,9 +77,12 @@ async def count_state(db: asyncpg.Connection, state: str) -> int:
     return int(await db.fetchval("SELECT count(*) FROM outbox WHERE state = $1", state))
 
 
+def json_logs(relay: RelayProcess) -> list[dict[str, object]]:
+    return [json.loads(line) for line in relay.log().splitlines() if line.startswith("{")]
+
+
 def batch_logs(relay: RelayProcess) -> list[dict[str, object]]:
-    lines = [json.loads(line) for line in relay.log().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == "relay.batch"]
+    return [line for line in json_logs(relay) if line.get("event") == "relay.batch"]
 
 
 async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
@@ -172,19 +175,29 @@ async def test_two_relays_share_a_backlog_each_row_once_and_both_work(
     assert min(work) > 0, work
 
 
-async def test_broker_outage_backs_off_then_drains_and_database_drop_reconnects(
+async def test_broker_outage_pauses_publishing_without_counting_then_drains_and_database_drop_reconnects(
     settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
 ) -> None:
-    env = env_for(settings, broker, queue, RELAY_BACKOFF_BASE="0.1", RELAY_BACKOFF_MAX="0.5", RELAY_PUBLISH_TIMEOUT="1")
+    env = env_for(
+        settings,
+        broker,
+        queue,
+        RELAY_BACKOFF_BASE="0.05",
+        RELAY_BACKOFF_MAX="0.2",
+        RELAY_MAX_ATTEMPTS="2",
+        RELAY_PUBLISH_TIMEOUT="1",
+    )
     with start_relay(env) as relay:
         await until(logged(relay, "relay.connected"), what="relay connected")
         broker.stop()
         try:
             await fill(db, 50)
-            await until(lambda: _min_attempts_at_least(db, 2), what="two failed attempts each")
-            rows = await db.fetch("SELECT state, published_at, last_error FROM outbox")
-            assert {r["state"] for r in rows} == {OutboxState.PENDING}
-            assert all(r["published_at"] is None and "broker" in r["last_error"] for r in rows)
+            await until(logged(relay, "relay.broker_unreachable"), what="the relay noticed the outage")
+            await asyncio.sleep(3)  # about 15 probes at the 0.2 s cap, far past RELAY_MAX_ATTEMPTS
+            rows = await db.fetch("SELECT state, attempts, published_at, last_error FROM outbox")
+            assert {(r["state"], r["attempts"], r["published_at"], r["last_error"]) for r in rows} == {
+                (OutboxState.PENDING, 0, None, None)
+            }
             assert relay.process.poll() is None  # still running
         finally:
             broker.start()
@@ -199,28 +212,45 @@ async def test_broker_outage_backs_off_then_drains_and_database_drop_reconnects(
     counts = Counter(m.task_id for m in queued_messages(broker.client(), queue))
     assert len(counts) == 60
     assert set(counts.values()) == {1}
+    events = Counter(line.get("event") for line in json_logs(relay))
+    assert (events["relay.broker_unreachable"], events["relay.broker_reachable"]) == (1, 1)
+    assert events["relay.publish_failed"] == 0
     assert "relay.reconnect" in relay.log()
 
 
-async def test_reconciler_republishes_an_uncompleted_row_then_gives_up(
+async def test_reconciler_republishes_a_message_the_broker_keeps_losing_then_gives_up(
     settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
 ) -> None:
     env = env_for(settings, broker, queue, RELAY_COMPLETION_DEADLINE="0.3", RELAY_MAX_REPUBLISHES="2")
     await fill(db, 1)
+    client = broker.client()
     with start_relay(env) as relay:
-        row = await until(
-            lambda: db.fetchrow("SELECT id, state, republishes, last_error FROM outbox WHERE state = 'dead'"),
-            what="dead after re-publishes",
-        )
+
+        async def lost_for_good() -> asyncpg.Record | None:
+            client.delete(queue)  # the broker loses every copy (a flush, a restart without persistence)
+            return await db.fetchrow("SELECT id, state, republishes, last_error FROM outbox WHERE state = 'dead'")
+
+        row = await until(lost_for_good, what="dead after re-publishes")
         relay.signal(signal.SIGTERM)
         assert relay.wait(10) == 0
     assert row is not None
     assert row["republishes"] == 2
-    assert "after 2 re-publishes" in row["last_error"]
-    # Published once, then re-published twice with the same task id (no worker completed it).
-    assert [m.task_id for m in queued_messages(broker.client(), queue)] == [str(row["id"])] * 3
+    assert row["last_error"] == "message gone after 2 re-publishes: queue empty"
+    published_lines = [line for line in batch_logs(relay) if line["published"]]
+    assert len(published_lines) == 3  # published once, re-published twice, with the same task id
     assert uuid.UUID(str(row["id"]))
 
 
-async def _min_attempts_at_least(db: asyncpg.Connection, attempts: int) -> bool:
-    return bool(await db.fetchval("SELECT min(attempts) >= $1 FROM outbox", attempts))
+async def test_a_queued_message_is_not_republished_however_long_it_waits(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+) -> None:
+    env = env_for(settings, broker, queue, RELAY_COMPLETION_DEADLINE="0.3", RELAY_RECONCILE_INTERVAL="0.1")
+    await fill(db, 5)
+    with start_relay(env) as relay:
+        await until(published(db, 5), what="published")
+        await asyncio.sleep(3)  # ten deadlines, thirty reconcile passes, and no worker
+        relay.signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+    rows = await db.fetch("SELECT state, republishes FROM outbox")
+    assert {(r["state"], r["republishes"]) for r in rows} == {(OutboxState.PUBLISHED, 0)}
+    assert len(queued_messages(broker.client(), queue)) == 5

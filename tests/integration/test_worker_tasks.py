@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -23,7 +25,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -32,7 +34,9 @@ from core.settings import Settings
 from tests.smtp import smtp_sink
 from tests.workers import worker_settings
 from worker.celery_app import WorkerApp, create_celery_app
-from worker.errors import InvalidTaskArguments, PermanentDeliveryError
+from worker.effects import claim_email_lease, record_email_sent, release_email_lease
+from worker.errors import DeliveryUncertain, InvalidTaskArguments, PermanentDeliveryError, SendDeadlineExceeded
+from worker.mailer import build_message, send_email
 
 EXAMPLES = hypothesis_settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -346,3 +350,119 @@ def test_default_delays(
 async def _noop(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as connection:
         await connection.execute("SELECT 1")
+
+
+def test_a_stale_delivery_cannot_release_or_finish_the_lease_of_the_delivery_that_took_over(app: WorkerApp) -> None:
+    database, task_id = app.context.database, str(uuid.uuid4())
+    stale = database.run(partial(claim_email_lease, task_id=task_id, lease_seconds=0.2))
+    assert stale.token is not None
+    time.sleep(0.4)  # the stale holder outlives its lease (a long send, a pause)
+    current = database.run(partial(claim_email_lease, task_id=task_id, lease_seconds=60))
+    assert current.token is not None
+    assert current.token != stale.token
+
+    assert database.run(partial(release_email_lease, task_id=task_id, token=stale.token, maybe_sent=False)) is False
+    waiting = database.run(partial(claim_email_lease, task_id=task_id, lease_seconds=60))
+    assert (waiting.owned, waiting.retry_in > 50) == (False, True), "the stale release ended the new lease"
+    assert database.run(partial(record_email_sent, task_id=task_id, token=stale.token, result={"by": "stale"})) is False
+    assert database.run(partial(record_email_sent, task_id=task_id, token=current.token, result={"by": "current"}))
+    assert database.run(partial(claim_email_lease, task_id=task_id, lease_seconds=60)).result == {"by": "current"}
+
+
+def test_a_send_stays_in_doubt_until_its_holder_proves_nothing_went_out(app: WorkerApp) -> None:
+    database, task_id = app.context.database, str(uuid.uuid4())
+
+    def in_doubt() -> int:
+        return int(query(app, "SELECT sends_in_doubt FROM task_runs WHERE task_id = :id", id=task_id)[0][0])
+
+    first = database.run(partial(claim_email_lease, task_id=task_id, lease_seconds=60))
+    assert first.token is not None
+    assert in_doubt() == 1  # from the moment a lease is taken to send
+    database.run(partial(release_email_lease, task_id=task_id, token=first.token, maybe_sent=False))
+    assert in_doubt() == 0  # refused before the data: nothing went out
+    second = database.run(partial(claim_email_lease, task_id=task_id, lease_seconds=60))
+    assert second.token is not None
+    database.run(partial(release_email_lease, task_id=task_id, token=second.token, maybe_sent=True))
+    assert in_doubt() == 1  # the connection broke after the data: it may have been accepted
+    database.run(partial(release_email_lease, task_id=task_id, token=second.token, maybe_sent=False))
+    assert in_doubt() == 1  # a second release with the same token changes nothing
+
+
+def test_a_server_slow_at_every_step_cannot_stretch_a_send_past_its_deadline(database_url: str, redis_url: str) -> None:
+    # Each step answers within SMTP_TIMEOUT (3 s), but together they would take 4 s.
+    with smtp_sink(step_delay=2.0, slow_sessions=1) as sink:
+        settings = worker_settings(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port, smtp_timeout=3)
+        message = build_message(settings, task_id="t", email="a@example.com", amount="1.00", status="SUCCESS")
+        started = time.monotonic()
+        with pytest.raises(SendDeadlineExceeded):
+            send_email(settings, message, deadline=started + 1.0)
+        assert time.monotonic() - started < 2.5  # the deadline, not the sum of the steps
+        assert (sink.count, sink.started) == (0, 0)
+
+
+def test_a_send_that_breaks_after_its_data_is_in_doubt(database_url: str, redis_url: str) -> None:
+    with smtp_sink(reply_delay=3.0) as sink:  # holds its answer to the data
+        settings = worker_settings(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port, smtp_timeout=3)
+        message = build_message(settings, task_id="t", email="a@example.com", amount="1.00", status="SUCCESS")
+        with pytest.raises(DeliveryUncertain):
+            send_email(settings, message, deadline=time.monotonic() + 1.0)
+        assert sink.started == 1
+
+
+def test_a_duplicate_audit_returns_before_the_audit_systems_latency(
+    app: WorkerApp, database_url: str, redis_url: str
+) -> None:
+    outbox_id = insert_outbox_row(app, AUDIT_LOG_TRANSACTION, {})
+    kwargs = {"transaction_id": "t-before-delay", "data": {"n": 1}}
+    first = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
+    row = query(
+        app,
+        "SELECT deliveries, delivery_started_at IS NOT NULL AS started, "
+        "delivery_lease_until > now() + interval '30 seconds' AS leased FROM outbox WHERE id = CAST(:id AS uuid)",
+        id=outbox_id,
+    )[0]
+    assert (row.deliveries, row.started, row.leased) == (1, True, True)  # the lease lasts the time limit (60 s)
+    slow = worker_settings(database_url, redis_url, audit_write_delay=5.0)
+    for slow_app in _build_app(slow):
+        started = time.monotonic()
+        second = slow_app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
+        elapsed = time.monotonic() - started
+    assert second.result == first.result
+    assert elapsed < 5.0, "the duplicate waited out the audit system's latency before finding its record"
+
+
+async def _hold_row(database_url: str, outbox_id: str, held: threading.Event, release: threading.Event) -> None:
+    connection = await asyncpg.connect(make_url(database_url).set(drivername="postgresql").render_as_string(False))
+    try:
+        async with connection.transaction():
+            await connection.execute("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE", uuid.UUID(outbox_id))
+            held.set()
+            await asyncio.to_thread(release.wait, 60)
+    finally:
+        await connection.close()
+
+
+def test_an_email_is_recorded_as_sent_while_a_relay_holds_its_outbox_row(database_url: str, redis_url: str) -> None:
+    """A relay frozen mid-batch holds the row's lock: the send's record must not wait for it."""
+    held, release = threading.Event(), threading.Event()
+    with smtp_sink() as sink:
+        settings = worker_settings(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port)
+        for app in _build_app(settings):
+            outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {})
+            holder = threading.Thread(target=asyncio.run, args=(_hold_row(database_url, outbox_id, held, release),))
+            holder.start()
+            try:
+                assert held.wait(10)
+                kwargs = {"email": "locked@example.com", "amount": "2.00", "status": "SUCCESS"}
+                outcome = app.tasks[SEND_TRANSACTION_EMAIL].apply(kwargs=kwargs, task_id=outbox_id)
+                assert outcome.status == "SUCCESS", outcome.traceback
+                run = query(app, "SELECT state FROM task_runs WHERE task_id = :id", id=outbox_id)
+                assert [r.state for r in run] == ["done"]  # committed while the row was still locked
+                assert outbox_row(app, outbox_id).state == "published"  # left to the reconciler
+            finally:
+                release.set()
+                holder.join(10)
+            again = app.tasks[SEND_TRANSACTION_EMAIL].apply(kwargs=kwargs, task_id=outbox_id)  # a redelivery
+            assert again.result == outcome.result
+            assert outbox_row(app, outbox_id).state == "completed"
+    assert sink.count == 1

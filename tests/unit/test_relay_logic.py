@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
 import pytest
+import redis.exceptions
 from celery.utils.saferepr import saferepr
 from hypothesis import given
 from hypothesis import strategies as st
+from kombu.exceptions import OperationalError
 
 from core.backoff import backoff_delay
+from core.outbox.queries import OutboxRow
 from core.settings import Settings
+from relay.batch import poison_reason
+from relay.broker import is_unreachable
 from relay.celery_app import create_celery_app
 from relay.durations import parse_duration
 from relay.messages import RedisMessageBuilder
@@ -108,3 +114,57 @@ def test_builder_rejects_what_a_worker_could_not_run() -> None:
         builder.build("id", "t", [1, 2])
     with pytest.raises(TypeError):
         builder.build("id", "t", {"not_json": object()})
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ConnectionError("Connection refused"),
+        redis.exceptions.TimeoutError("Timeout reading from socket"),
+        redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+        redis.exceptions.AuthenticationError("invalid password"),
+        redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+        redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's failing"),
+        OperationalError("[Errno 111] Connection refused"),
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError(),
+    ],
+)
+def test_errors_that_mean_the_broker_cannot_take_any_message_are_unreachable(error: BaseException) -> None:
+    assert is_unreachable(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        redis.exceptions.DataError("Invalid input of type: 'dict'"),
+        TypeError("task keyword arguments must be a mapping"),
+        ValueError("cannot serialize"),
+    ],
+)
+def test_errors_about_one_message_are_refusals_not_outages(error: BaseException) -> None:
+    assert not is_unreachable(error)
+
+
+@pytest.mark.parametrize(
+    ("task_name", "kwargs", "decode_error", "reason"),
+    [
+        ("audit_log_transaction", {"transaction_id": "t", "data": {}}, None, None),
+        ("send_transaction_email", {}, None, None),  # the worker checks the arguments themselves
+        ("audit_log_transaction", None, "undecodable kwargs: Exceeds the limit", "undecodable kwargs"),
+        ("audit_log_transaction", [1, 2], None, "kwargs must be a JSON object, got list"),
+        ("audit_log_transaction", "text", None, "kwargs must be a JSON object, got str"),
+        ("no_such_task", {}, None, "'no_such_task' is not in the contract"),
+    ],
+)
+def test_poison_rows_are_those_no_publish_could_fix(
+    task_name: str, kwargs: Any, decode_error: str | None, reason: str | None
+) -> None:
+    found = poison_reason(OutboxRow(uuid.uuid4(), task_name, kwargs, 0, decode_error))
+    assert (found is None) == (reason is None)
+    if reason is not None:
+        assert found is not None
+        assert found.startswith("poison row: ")
+        assert reason in found

@@ -157,3 +157,11 @@ def test_the_rate_limit_is_shared_through_the_brokers_redis_by_default() -> None
     assert _settings({"CELERY_BROKER_URL": "redis://b:6379/4"}).rate_limit_storage == "redis://b:6379/4"
     assert _settings({"CELERY_BROKER_URL": "amqp://b//"}).rate_limit_storage == "redis://localhost:6379/0"
     assert _settings({"RATE_LIMIT_STORAGE_URL": "memory://"}).rate_limit_storage == "memory://"
+
+
+def test_the_idle_transaction_timeout_defaults_to_three_publish_timeouts_and_must_exceed_one() -> None:
+    assert _settings({}).relay_idle_transaction_timeout == 15.0
+    assert _settings({"RELAY_PUBLISH_TIMEOUT": "2"}).relay_idle_transaction_timeout_s == 6.0
+    assert _settings({"RELAY_IDLE_TRANSACTION_TIMEOUT": "30"}).relay_idle_transaction_timeout_s == 30.0
+    with pytest.raises(ValidationError, match=r"RELAY_IDLE_TRANSACTION_TIMEOUT .* must be longer than RELAY_PUBLISH"):
+        _settings({"RELAY_IDLE_TRANSACTION_TIMEOUT": "5", "RELAY_PUBLISH_TIMEOUT": "5"})
