@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Step:
     p50_s: float  # commit->completed, less the task's own delay
     p99_s: float
     worker_rss_mib: float
+    refused: dict[str, int]  # answers other than 201, by status (or transport error)
 
     @property
     def sustained(self) -> bool:
@@ -222,6 +224,7 @@ def step(
         p50_s=percentile(lags, 0.5),
         p99_s=percentile(lags, 0.99),
         worker_rss_mib=peak[0] / 2**20,
+        refused=dict(Counter(str(a["status"]) for a in answers if a["status"] != 201)),
     )
 
 

@@ -84,7 +84,9 @@ class Settings(BaseSettings):
     celery_result_expires: int = Field(86_400, ge=1)
     celery_visibility_timeout: int = Field(3_600, ge=1)
     celery_worker_pool: Literal["threads", "prefork", "solo"] = "threads"
-    celery_worker_concurrency: int = Field(64, ge=1)
+    celery_worker_concurrency: int = Field(512, ge=1)
+    celery_task_events: bool = False
+    worker_db_pool_size: int = Field(16, ge=1)
     celery_task_max_retries: int = Field(5, ge=0)
     celery_retry_backoff_max: int = Field(60, ge=1)
 

@@ -78,8 +78,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "timezone": "UTC",
         "enable_utc": True,
-        # STARTED in the result backend tells a running task from one still queued.
-        "task_track_started": True,
+        # No STARTED state in the result backend: it cost two result-backend round trips per task
+        # (Celery reads the stored meta before each write), and the outbox row already records when
+        # each delivery started (delivery_started_at), which is what the reconciler reads.
+        "task_track_started": False,
         # The soft limit raises inside the task; the hard one kills it (prefork only: the
         # threads pool cannot stop a thread, so the tasks bound their own I/O with timeouts).
         "task_soft_time_limit": settings.celery_task_soft_time_limit,
@@ -109,8 +111,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # On a broker connection loss the running acks_late tasks will be redelivered anyway:
         # stop them rather than run them twice (Celery 6's default; the effects are idempotent).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        # Task events, so `celery events` and Flower can watch tasks run.
-        "worker_send_task_events": True,
+        # Task events serve only Flower and `celery events`, and cost a broker publish per state
+        # change: off unless CELERY_TASK_EVENTS=true (the compose monitoring profile turns them on).
+        "worker_send_task_events": settings.celery_task_events,
         # I/O-bound tasks: threads keep many in flight in one process (see README).
         "worker_pool": settings.celery_worker_pool,
         "worker_concurrency": settings.celery_worker_concurrency,

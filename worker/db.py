@@ -42,15 +42,18 @@ class PoolOptions:
 
 
 def pool_options(settings: Settings) -> PoolOptions:
-    """Pool options sized so that every task slot of one process can hold a connection.
+    """Pool options: at most WORKER_DB_POOL_SIZE connections per process, fewer if it runs fewer tasks.
 
-    The threads pool runs CELERY_WORKER_CONCURRENCY tasks in one process; a prefork child or
-    solo worker runs one task at a time. Connections open on demand (no minimum), so a worker
-    starts while the database is away, and idle ones close after a while (asyncpg's default).
+    The threads pool runs CELERY_WORKER_CONCURRENCY tasks in one process, most of them waiting on
+    the mail server or the audit system, each holding a connection only for the few milliseconds of
+    a statement: a few connections serve hundreds of slots (a task waits for a free one within
+    CALL_TIMEOUT). A prefork child or solo worker runs one task at a time. Connections open on
+    demand (no minimum), so a worker starts while the database is away, and idle ones close after
+    a while (asyncpg's default).
     """
     slots = settings.celery_worker_concurrency if settings.celery_worker_pool in _IN_FLIGHT_POOLS else 1
     return PoolOptions(
-        max_size=slots,
+        max_size=min(slots, settings.worker_db_pool_size),
         connect_timeout=CONNECT_TIMEOUT,
         command_timeout=STATEMENT_TIMEOUT_MS / 1000 + 1,
         server_settings={
@@ -61,9 +64,19 @@ def pool_options(settings: Settings) -> PoolOptions:
     )
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    # uvloop when installed (it comes with uvicorn[standard]): every database call of every task
+    # crosses into this loop, and uvloop's scheduling and thread-safe wake-ups cost far less CPU.
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class _LoopThread:
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="worker-db-loop", daemon=True)
         self.thread.start()
 

@@ -14,7 +14,6 @@ reconciler (which completes a published row whose task recorded its effect).
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from core.outbox import queries
 from core.outbox.states import RunState
 
 log = logging.getLogger(__name__)
-
-_INSERT_AUDIT = "INSERT INTO audit_log (task_id, transaction_id, data) VALUES ($1, $2, $3::text::jsonb)"
 
 
 @dataclass(frozen=True)
@@ -59,14 +56,18 @@ async def start_delivery(pool: asyncpg.Pool, *, task_id: str, lease_seconds: flo
     If a relay holds the row's lock past the connection's lock_timeout (a frozen relay), the start
     is not recorded and only the record is read: the delivery goes on either way.
     """
-    row_id = outbox_id(task_id)
     async with pool.acquire() as connection:
-        if row_id is not None:
-            try:
-                return await queries.start_delivery(connection, row_id, task_id, lease_seconds)
-            except asyncpg.LockNotAvailableError:
-                log.warning("delivery start not recorded: the outbox row is locked", extra={"task_id": task_id})
-        return await queries.stored_run(connection, task_id)
+        return await _start(connection, task_id, lease_seconds)
+
+
+async def _start(connection: queries.Connection, task_id: str, lease_seconds: float) -> queries.StoredRun | None:
+    row_id = outbox_id(task_id)
+    if row_id is not None:
+        try:
+            return await queries.start_delivery(connection, row_id, task_id, lease_seconds)
+        except asyncpg.LockNotAvailableError:
+            log.warning("delivery start not recorded: the outbox row is locked", extra={"task_id": task_id})
+    return await queries.stored_run(connection, task_id)
 
 
 async def extend_delivery(pool: asyncpg.Pool, *, task_id: str, seconds: float) -> None:
@@ -90,22 +91,36 @@ async def complete_outbox(pool: asyncpg.Pool, *, task_id: str) -> None:
 
 async def write_audit_once(
     pool: asyncpg.Pool, *, task_id: str, transaction_id: str, data: dict[str, Any], result: dict[str, Any]
-) -> dict[str, Any]:
-    """Write the audit row and record the task as done, in one transaction.
+) -> tuple[dict[str, Any], bool]:
+    """Write the audit row and record the task as done (one statement), then complete the outbox row.
 
-    Returns `result` the first time a task id gets here, and the result stored then on every
-    later delivery of the same task id, which writes nothing. Does not complete the outbox row
-    (see complete_outbox).
+    Returns (result, completed): `result` the first time a task id gets here, and the result
+    stored then on every later delivery of the same task id, which writes nothing; `completed`
+    False when completing the row failed (the caller retries that alone: the effect is recorded).
     """
-    async with pool.acquire() as connection, connection.transaction():
-        if not await queries.record_run_done(connection, task_id, AUDIT_LOG_TRANSACTION, result):
+    async with pool.acquire() as connection:
+        if not await queries.record_audit_once(
+            connection, task_id, AUDIT_LOG_TRANSACTION, result, transaction_id, data
+        ):
             stored = await queries.stored_run(connection, task_id)
             # Another delivery recorded it done, with its result.
             assert stored is not None
             assert stored.result is not None
-            return stored.result
-        await connection.execute(_INSERT_AUDIT, task_id, transaction_id, json.dumps(data))
-        return result
+            result = stored.result
+        return result, await _complete_quietly(connection, task_id)
+
+
+async def _complete_quietly(connection: queries.Connection, task_id: str) -> bool:
+    """Complete the outbox row after the effect's record committed. False if that failed (a
+    relay holding the row past lock_timeout, the database away): the caller tries again."""
+    row_id = outbox_id(task_id)
+    if row_id is None:
+        return True
+    try:
+        await queries.complete(connection, row_id)
+    except Exception:  # reported by the caller's retries
+        return False
+    return True
 
 
 async def claim_email_lease(pool: asyncpg.Pool, *, task_id: str, lease_seconds: float) -> LeaseClaim:
@@ -115,14 +130,18 @@ async def claim_email_lease(pool: asyncpg.Pool, *, task_id: str, lease_seconds: 
     learn either that the email was sent (`result`) or how long the holder's lease lasts.
     """
     async with pool.acquire() as connection:
-        token = await queries.claim_lease(connection, task_id, SEND_TRANSACTION_EMAIL, lease_seconds)
-        if token is not None:
-            return LeaseClaim(token)
-        stored = await queries.stored_run(connection, task_id)
-        assert stored is not None  # the claim conflicted with this very row
-        if stored.state == RunState.DONE:
-            return LeaseClaim(None, result=stored.result)
-        return LeaseClaim(None, retry_in=stored.lease_left)
+        return await _claim(connection, task_id, lease_seconds)
+
+
+async def _claim(connection: queries.Connection, task_id: str, lease_seconds: float) -> LeaseClaim:
+    token = await queries.claim_lease(connection, task_id, SEND_TRANSACTION_EMAIL, lease_seconds)
+    if token is not None:
+        return LeaseClaim(token)
+    stored = await queries.stored_run(connection, task_id)
+    assert stored is not None  # the claim conflicted with this very row
+    if stored.state == RunState.DONE:
+        return LeaseClaim(None, result=stored.result)
+    return LeaseClaim(None, retry_in=stored.lease_left)
 
 
 async def release_email_lease(pool: asyncpg.Pool, *, task_id: str, token: uuid.UUID, maybe_sent: bool) -> bool:
@@ -142,6 +161,32 @@ async def record_email_sent(pool: asyncpg.Pool, *, task_id: str, token: uuid.UUI
     """
     async with pool.acquire() as connection:
         return await queries.finish_run(connection, task_id, token, result)
+
+
+async def finish_email(
+    pool: asyncpg.Pool, *, task_id: str, token: uuid.UUID, result: dict[str, Any]
+) -> tuple[bool, bool]:
+    """Record the email as sent (on its own: never waiting on the outbox row's lock), then
+    complete the outbox row, on one connection. Returns (recorded, completed): `recorded` False,
+    changing nothing, if this delivery's lease was taken over; `completed` False if completing
+    the row failed (the caller retries that alone)."""
+    async with pool.acquire() as connection:
+        if not await queries.finish_run(connection, task_id, token, result):
+            return False, False
+        return True, await _complete_quietly(connection, task_id)
+
+
+async def begin_email(
+    pool: asyncpg.Pool, *, task_id: str, lease_seconds: float
+) -> tuple[dict[str, Any] | None, LeaseClaim | None]:
+    """Record the delivery's start and, unless the email was already sent, ask for its lease:
+    start_delivery then claim_email_lease, on one connection. Returns (stored result, None) for
+    a duplicate of a sent email, else (None, the claim)."""
+    async with pool.acquire() as connection:
+        stored = await _start(connection, task_id, lease_seconds)
+        if stored is not None and stored.state == RunState.DONE:
+            return stored.result, None
+        return None, await _claim(connection, task_id, lease_seconds)
 
 
 async def stored_result(pool: asyncpg.Pool, *, task_id: str) -> dict[str, Any] | None:

@@ -26,11 +26,11 @@ from worker.arguments import AuditArguments, EmailArguments, parse_arguments
 from worker.context import WorkerContext
 from worker.db import WorkerDatabase
 from worker.effects import (
-    claim_email_lease,
+    begin_email,
     complete_outbox,
     extend_delivery,
+    finish_email,
     mark_outbox_failed,
-    record_email_sent,
     release_email_lease,
     start_delivery,
     stored_result,
@@ -199,18 +199,17 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
     if isinstance(sent_token, str):  # an earlier run of this task sent it: record, never send again
         return _record_sent(task, uuid.UUID(sent_token), result)
     try:
-        done = _started(task)
-        if done is not None:
-            task.complete()
-            return done
         started = time.monotonic()  # no later than the database's start of the lease
-        claim = task.database.run(
-            partial(claim_email_lease, task_id=task_id, lease_seconds=settings.celery_task_time_limit)
-        )
+        lease = settings.celery_task_time_limit
+        done, claim = task.database.run(partial(begin_email, task_id=task_id, lease_seconds=lease))
     except Exception as error:
         if not is_transient(error):
             raise
         raise task.retry_later(error) from None
+    if claim is None:  # a duplicate of a sent email
+        assert done is not None
+        task.complete()
+        return done
     if claim.result is not None:
         task.complete()
         return claim.result
@@ -251,9 +250,7 @@ def _record_sent(task: OutboxTask, token: uuid.UUID, result: dict[str, Any]) -> 
     task_id = task.request.id
     for pause in (*_RECORD_PAUSES, None):
         try:
-            recorded = task.database.run(partial(record_email_sent, task_id=task_id, token=token, result=result))
-            if not recorded:
-                return _lost_lease(task, result)
+            recorded, completed = task.database.run(partial(finish_email, task_id=task_id, token=token, result=result))
             break
         except Exception as error:
             if not is_transient(error):
@@ -262,7 +259,10 @@ def _record_sent(task: OutboxTask, token: uuid.UUID, result: dict[str, Any]) -> 
                 # Sent, not recorded: the retry records it with this token instead of sending again.
                 raise task.retry_later(error, {SENT_LEASE: str(token)}) from None
             time.sleep(pause)
-    task.complete()
+    if not recorded:
+        return _lost_lease(task, result)
+    if not completed:
+        task.complete()
     return result
 
 
@@ -288,12 +288,10 @@ def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[
     """Write the audit row once per task id; return the contract's result."""
     arguments = parse_arguments(AuditArguments, args, kwargs)
     task_id: str = task.request.id
-    logger.info(
-        "audit_log_transaction transaction_id=%s data=%s",
-        arguments.transaction_id,
-        json.dumps(arguments.data, sort_keys=True, ensure_ascii=False, default=str),
-        extra={"task_id": task_id, "task_name": AUDIT_LOG_TRANSACTION, "transaction_id": arguments.transaction_id},
-    )
+    extra = {"task_id": task_id, "task_name": AUDIT_LOG_TRANSACTION, "transaction_id": arguments.transaction_id}
+    logger.info("audit_log_transaction transaction_id=%s", arguments.transaction_id, extra=extra)
+    if logger.isEnabledFor(logging.DEBUG):  # the whole record only when asked for: it costs per task
+        logger.debug("audit data %s", json.dumps(arguments.data, sort_keys=True, default=str), extra=extra)
     result = {
         "success": True,
         "message": f"Audit log written for transaction {arguments.transaction_id}",
@@ -304,7 +302,7 @@ def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[
         done = _started(task)  # a duplicate returns here, before the audit system's latency
         if done is None:
             time.sleep(task.settings.audit_write_delay)  # the audit system's latency
-            done = task.database.run(
+            done, completed = task.database.run(
                 partial(
                     write_audit_once,
                     task_id=task_id,
@@ -313,6 +311,8 @@ def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[
                     result=result,
                 )
             )
+            if completed:
+                return done
     except Exception as error:
         if not is_transient(error):
             raise

@@ -353,6 +353,37 @@ async def record_run_done(connection: Connection, task_id: str, task_name: str, 
     return await connection.fetchval(_RECORD_DONE, task_id, task_name, json.dumps(result)) is not None
 
 
+# The audit row and the task id's record in one statement (atomic, one round trip): the record
+# inserted here is what makes the audit row's INSERT happen at all.
+_RECORD_AUDIT = f"""
+WITH done AS (
+    INSERT INTO task_runs (task_id, task_name, state, result, finished_at)
+    VALUES ($1, $2, '{RunState.DONE}', $3::text::jsonb, now())
+    ON CONFLICT (task_id) DO NOTHING
+    RETURNING task_id
+), written AS (
+    INSERT INTO audit_log (task_id, transaction_id, data) SELECT $1, $4, $5::text::jsonb FROM done
+)
+SELECT count(*) FROM done
+"""
+
+
+async def record_audit_once(
+    connection: Connection,
+    task_id: str,
+    task_name: str,
+    result: dict[str, Any],
+    transaction_id: str,
+    data: dict[str, Any],
+) -> bool:
+    """Write the audit row and record the task id's effect as made, unless some delivery recorded
+    it first. One statement, so no transaction is needed. Returns True if this call wrote them."""
+    written = await connection.fetchval(
+        _RECORD_AUDIT, task_id, task_name, json.dumps(result), transaction_id, json.dumps(data)
+    )
+    return bool(written)
+
+
 _STORED_RUN = """
 SELECT state, result::text AS result, GREATEST(EXTRACT(EPOCH FROM lease_until - now()), 0)::float8 AS lease_left
 FROM task_runs WHERE task_id = $1

@@ -31,7 +31,8 @@ def test_reliability_knobs() -> None:
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
     assert conf.worker_prefetch_multiplier == 1
-    assert conf.task_track_started is True
+    assert conf.task_track_started is False  # the outbox row records each delivery's start
+    assert conf.worker_send_task_events is False  # only Flower needs them: CELERY_TASK_EVENTS=true
     assert conf.broker_connection_retry_on_startup is True
     assert conf.result_backend_always_retry is True
     assert 0 < conf.result_backend_max_retries < float("inf")
@@ -42,12 +43,12 @@ def test_defaults_suit_io_bound_tasks() -> None:
     settings = _settings()
     conf = create_celery_app(settings).conf
     assert conf.worker_pool == "threads"
-    assert conf.worker_concurrency == 64
+    assert conf.worker_concurrency == 512
     assert conf.task_time_limit == 60
     assert conf.task_soft_time_limit == 50
     assert conf.task_default_queue == "celery"
-    # One connection per task slot, so no thread waits for the pool.
-    assert pool_options(settings).max_size >= 64
+    # A few connections serve every slot: a task holds one only for a statement.
+    assert pool_options(settings).max_size == settings.worker_db_pool_size
 
 
 def test_tasks_are_registered_under_the_contract_names() -> None:
@@ -137,3 +138,7 @@ def test_configuration_follows_any_valid_environment(env: dict[str, str]) -> Non
     # Abandoned messages are looked for well within one visibility timeout.
     assert 1 <= transport["unacked_restore_interval"] <= max(1, transport["visibility_timeout"] // 5)
     assert (conf.task_serializer, conf.accept_content, conf.task_acks_late) == ("json", ["json"], True)
+
+
+def test_task_events_are_on_only_when_asked_for() -> None:
+    assert create_celery_app(_settings(celery_task_events=True)).conf.worker_send_task_events is True
