@@ -121,7 +121,8 @@ def install(app: Celery, settings: Settings, metrics: WorkerMetrics | None = Non
             return
         parent = context_from_traceparent(_header(task, TRACEPARENT_HEADER))
         provider = getattr(app, "tracer_provider", None)  # tests give the app a provider of their own
-        span = (provider.get_tracer("worker") if provider else tracer).start_span(f"process {task.name}", context=parent, kind=SpanKind.CONSUMER)
+        task_tracer = provider.get_tracer("worker") if provider else tracer
+        span = task_tracer.start_span(f"process {task.name}", context=parent, kind=SpanKind.CONSUMER)
         if span.is_recording():
             span.set_attributes(
                 {
