@@ -22,7 +22,9 @@ from bench.environment import free_port, process, python, service_env
 from bench.stats import Figure
 from core.clients import key_hash, new_api_key
 
-VARIANTS = ("plain", "outbox", "naive", "noauth", "minimal")
+VARIANTS = ("plain", "outbox", "naive", "noauth", "unobserved", "minimal")
+# The variant without metrics and tracing: the same app as `outbox`, observation off by the environment.
+UNOBSERVED_ENV = {"API_METRICS_PORT": "0", "OTEL_SDK_DISABLED": "true"}
 # Counted on every request, never reached: the bench measures the limiter's cost, not its refusals.
 RATE_LIMIT = "100000000/second"
 
@@ -143,7 +145,7 @@ def measure(
                 DB_POOL_SIZE="24",
                 DB_MAX_OVERFLOW="0",
                 RATE_LIMIT=RATE_LIMIT,
-                **_metrics_port(),
+                **(UNOBSERVED_ENV if variant == "unobserved" else _metrics_port()),
             )
             stack.enter_context(
                 process(_uvicorn(ports[variant]), env, port=ports[variant], log=workdir / f"api-{variant}.log")

@@ -31,6 +31,13 @@ def targets(figures: list[Figure], memory_backlogs: tuple[int, int]) -> list[Tar
         )
         p99 = ratio(_median(figures, f"outbox c={clients} p99_ms"), _median(figures, f"plain c={clients} p99_ms"))
         check(f"API c={clients}: outbox p99 / no side effect p99", p99, "<= 1.5", p99 <= 1.5)
+        unobserved = _median(figures, f"unobserved c={clients} rps")
+        check(
+            f"API c={clients}: with / without metrics and tracing, req/s",
+            r := ratio(outbox, unobserved),
+            ">= 0.95",
+            r >= 0.95,
+        )
         noauth = _median(figures, f"noauth c={clients} rps")
         check(
             f"API c={clients}: authenticated / unauthenticated, req/s", r := ratio(outbox, noauth), ">= 0.9", r >= 0.9

@@ -10,6 +10,9 @@
 - ``noauth``: the service without authentication: every request is taken to come from the
   bench's client (BENCH_CLIENT_ID), with no key lookup and no rate limit. ``outbox`` against it
   is what authentication costs.
+- ``unobserved``: the service itself (authenticated) without metrics or tracing: bench/api_cost.py
+  runs it with API_METRICS_PORT=0 and OTEL_SDK_DISABLED=true. ``outbox`` against it is what metrics
+  and tracing cost the API.
 - ``minimal``: not the API at all, but bench/minimal_app.py: the transfer's exact SQL behind a
   bare FastAPI + asyncpg app. ``outbox`` against it is what the endpoint costs per request.
 """
@@ -74,7 +77,7 @@ def _without_authentication() -> FastAPI:
 def create_variant(variant: str) -> FastAPI:
     if variant == "minimal":
         return from_environment()
-    if variant == "outbox":
+    if variant in ("outbox", "unobserved"):  # the same app; the environment turns observation off
         return create_app()
     if variant == "noauth":
         return _without_authentication()
@@ -82,7 +85,7 @@ def create_variant(variant: str) -> FastAPI:
         return create_app(ledger=_plain)
     if variant == "naive":
         return create_app(ledger=NaiveLedger)
-    raise ValueError(f"BENCH_VARIANT must be outbox, plain, naive, noauth or minimal, not {variant!r}")
+    raise ValueError(f"BENCH_VARIANT must be outbox, plain, naive, noauth, unobserved or minimal, not {variant!r}")
 
 
 app = create_variant(os.environ.get("BENCH_VARIANT", "outbox"))

@@ -46,6 +46,7 @@ from core.errors import (
 )
 from core.outbox import queries as outbox
 from core.outbox.notifier import CommitNotifier
+from core.telemetry import current_traceparent
 from core.unit_of_work import DriverUnitOfWork
 
 SUCCESS = "SUCCESS"
@@ -367,7 +368,9 @@ async def _move_money(
         return facts
     messages = side_effects(facts)
     message_ids = [uuid.uuid4() for _ in messages]
-    await connection.execute(MOVE_AND_RECORD_WITH_OUTBOX, *values, *outbox.message_arguments(message_ids, messages))
+    # The request's trace context goes on each row: the relay and the worker continue that trace.
+    arguments = outbox.message_arguments(message_ids, messages, current_traceparent())
+    await connection.execute(MOVE_AND_RECORD_WITH_OUTBOX, *values, *arguments)
     return facts
 
 
@@ -400,7 +403,7 @@ async def _credit(
         facts.currency,
         facts.status,
         facts.created_at,
-        *outbox.message_arguments(message_ids, messages),
+        *outbox.message_arguments(message_ids, messages, current_traceparent()),
     )
     return TransactionView(
         id=facts.transaction_id,

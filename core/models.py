@@ -161,6 +161,9 @@ class Outbox(Base):
     delivery_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     delivery_lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deliveries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # The W3C traceparent of the span that wrote the row (the API's request); the relay's publish
+    # continues that trace and carries it to the worker in the message headers. None outside a span.
+    traceparent: Mapped[str | None] = mapped_column(Text)
 
 
 class AuditLog(Base):

@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     # Metrics: the port each process serves Prometheus's /metrics on (0: no metrics at all)
     api_metrics_port: int = Field(9100, ge=0, le=65535)
     relay_metrics_port: int = Field(9101, ge=0, le=65535)
+    # How often the relay samples outbox_rows and the oldest ages (the queries of `relay status`).
+    relay_metrics_interval: float = Field(15.0, gt=0)
     worker_metrics_port: int = Field(9102, ge=0, le=65535)
 
     log_level: str = "INFO"

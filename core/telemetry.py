@@ -168,3 +168,25 @@ class TraceContextFilter(logging.Filter):
                 record.trace_id = format_trace_id(span_context.trace_id)
                 record.span_id = format_span_id(span_context.span_id)
         return True
+
+
+def is_exporting(provider: trace.TracerProvider) -> bool:
+    """Whether spans of `provider` go anywhere: an SDK provider with a span processor (an exporter).
+
+    When none does, a process that only relays a trace context (the relay) passes it on unchanged
+    instead of making spans nobody will see.
+    """
+    if not isinstance(provider, TracerProvider):
+        return False
+    processor = getattr(provider, "_active_span_processor", None)
+    return bool(getattr(processor, "_span_processors", ()))
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id (32 hex digits) a W3C `traceparent` carries, or None when it carries none."""
+    if not traceparent:
+        return None
+    parts = traceparent.split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return None
+    return parts[1]

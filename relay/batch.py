@@ -15,6 +15,8 @@ from core.contract import TASK_NAMES
 from core.outbox.queries import Failure, OutboxRow, claim_pending, mark_dead, mark_published, record_failures
 from core.outbox.states import OutboxState
 from core.settings import Settings
+from core.telemetry import trace_id_of
+from relay.metrics import POISON, REFUSED, UNREACHABLE, RelayMetrics
 from relay.publisher import Publisher, Refused, Unsent
 
 log = logging.getLogger("relay.batch")
@@ -51,6 +53,7 @@ async def relay_batch(
     publisher: Publisher,
     settings: Settings,
     before_commit: BeforeCommit | None = None,
+    metrics: RelayMetrics | None = None,
 ) -> BatchResult:
     """Publish up to RELAY_BATCH_SIZE due pending rows and record each outcome.
 
@@ -61,7 +64,8 @@ async def relay_batch(
     broker could not be reached for is left untouched (no attempt counted) and the result says
     `unreachable`: the caller stops claiming until the broker answers again. If anything raises
     before the commit, the transaction rolls back and the rows are simply pending again.
-    Logs one line per non-empty batch and one per failed or poisoned row.
+    Logs one line per non-empty batch and one per failed or poisoned row (with the row's trace id).
+    With `metrics`, counts the committed batch's outcomes there.
     """
     started = time.perf_counter()
     async with connection.transaction():
@@ -71,7 +75,9 @@ async def relay_batch(
         poison = [(row, reason) for row in rows if (reason := poison_reason(row)) is not None]
         sendable = [row for row in rows if poison_reason(row) is None] if poison else rows
         outcomes = await publisher.publish(sendable) if sendable else []
-        published = [row.id for row, outcome in zip(sendable, outcomes, strict=True) if outcome is None]
+        accepted_at = time.time()
+        published_rows = [row for row, outcome in zip(sendable, outcomes, strict=True) if outcome is None]
+        published = [row.id for row in published_rows]
         base, cap = settings.relay_backoff_base, settings.relay_backoff_max
         failures = [
             Failure(row, outcome.error, backoff_delay(row.attempts + 1, base=base, cap=cap))
@@ -94,6 +100,13 @@ async def relay_batch(
         )
         if before_commit is not None:
             await before_commit(result)
+    if metrics is not None:
+        metrics.batch(
+            len(rows), time.perf_counter() - started, published_rows, accepted_at, result.dead + result.poisoned
+        )
+        metrics.publish_errors(REFUSED, len(failures))
+        metrics.publish_errors(POISON, len(poison))
+        metrics.publish_errors(UNREACHABLE, sum(outcome.broker_down for outcome in unsent))
     _log_rows(poison, failures, states)
     log.info(
         "batch",
@@ -111,6 +124,12 @@ async def relay_batch(
     return result
 
 
+def _trace(row: OutboxRow) -> dict[str, str]:
+    """The row's trace id for its log line (these lines are logged outside any span)."""
+    trace_id = trace_id_of(row.traceparent)
+    return {"trace_id": trace_id} if trace_id else {}
+
+
 def _log_rows(
     poison: list[tuple[OutboxRow, str]], failures: list[Failure], states: dict[UUID, tuple[str, int]]
 ) -> None:
@@ -120,6 +139,7 @@ def _log_rows(
             extra={
                 "event": "relay.poison",
                 "outbox_id": str(row.id),
+                **_trace(row),
                 "task_name": row.task_name,
                 "error": reason,
                 "state": OutboxState.DEAD,
@@ -132,6 +152,7 @@ def _log_rows(
             extra={
                 "event": "relay.publish_failed",
                 "outbox_id": str(failure.row.id),
+                **_trace(failure.row),
                 "task_name": failure.row.task_name,
                 "error": failure.error,
                 "attempts": attempts,

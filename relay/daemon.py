@@ -31,11 +31,14 @@ import asyncpg
 from core.backoff import backoff_delay
 from core.contract import OUTBOX_CHANNEL
 from core.logging import describe
+from core.metrics import start_metrics_server
 from core.settings import Settings
+from core.telemetry import RELAY_SERVICE, configure_tracing, flush_tracing
 from core.transient import CONNECTION_ERRORS
 from relay.batch import BatchResult, BeforeCommit, relay_batch
 from relay.broker import QueueInspector, create_inspector
 from relay.db import connect
+from relay.metrics import RelayMetrics
 from relay.publisher import Publisher, create_publisher
 from relay.reconciler import reconcile
 
@@ -62,8 +65,9 @@ class BrokerWatch:
     that batch finds it unreachable again, so a flapping broker is not logged on every flap.
     """
 
-    def __init__(self, publisher: Publisher, settings: Settings) -> None:
+    def __init__(self, publisher: Publisher, settings: Settings, metrics: RelayMetrics | None = None) -> None:
         self._publisher = publisher
+        self._metrics = metrics
         self._base = settings.relay_backoff_base
         self._cap = min(settings.relay_backoff_max, PROBE_MAX)
         self._reachable = asyncio.Event()
@@ -84,6 +88,8 @@ class BrokerWatch:
         self._reachable.set()
 
     def lost(self, error: str) -> None:
+        if self._metrics is not None:
+            self._metrics.broker_contact(ok=False)
         self._failures += 1
         if self._since is None:
             self._since = time.monotonic()
@@ -110,6 +116,8 @@ class BrokerWatch:
         while True:
             await asyncio.sleep(backoff_delay(self._failures, base=self._base, cap=self._cap))
             if await self._publisher.probe() is None:
+                if self._metrics is not None:
+                    self._metrics.broker_contact(ok=True)
                 self._reachable.set()
                 return
             self._failures += 1
@@ -146,14 +154,18 @@ class Relay:
         *,
         inspector: QueueInspector | None = None,
         before_commit: BeforeCommit | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._publisher = publisher or create_publisher(settings)
         self._inspector = inspector or create_inspector(settings)
         self._before_commit = before_commit
-        self._broker = BrokerWatch(self._publisher, settings)
+        self._metrics = metrics
+        self._broker = BrokerWatch(self._publisher, settings, metrics)
+        self._last_contact = float("-inf")  # monotonic time of the last batch the broker accepted rows of
         self._wakeups = [asyncio.Event() for _ in range(lanes)]
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._reconnect_delay = RECONNECT_INITIAL
 
     def stop(self) -> None:
@@ -161,6 +173,7 @@ class Relay:
         if not self._stopping:
             log.info("stopping after the current batch", extra={"event": "relay.stopping"})
         self._stopping = True
+        self._stopped.set()
         self._broker.release()
         for wakeup in self._wakeups:
             wakeup.set()
@@ -198,11 +211,16 @@ class Relay:
             connections.append(listen)
             for lane in range(len(self._wakeups)):
                 connections.append(await connect(self._settings, f"relay-lane-{lane}"))
+            sampling = await connect(self._settings, "relay-metrics") if self._metrics is not None else None
+            if sampling is not None:
+                connections.append(sampling)
             await listen.add_listener(OUTBOX_CHANNEL, self._on_notify)
             log.info("connected", extra={"event": "relay.connected"})
             async with asyncio.TaskGroup() as lanes:
-                for lane, work in enumerate(connections[1:]):
+                for lane, work in enumerate(connections[1 : 1 + len(self._wakeups)]):
                     lanes.create_task(self._lane(lane, work, listen))
+                if sampling is not None and self._metrics is not None:
+                    lanes.create_task(self._sample(self._metrics, sampling))
         except BaseExceptionGroup as group:
             # One lane failing cancels the others; report the first real cause.
             raise group.exceptions[0] from None
@@ -224,15 +242,20 @@ class Relay:
                 continue
             # Cleared before the claim: a notification arriving during the batch wakes the next wait.
             wakeup.clear()
-            result = await relay_batch(work, self._publisher, settings, self._before_commit)
+            result = await relay_batch(work, self._publisher, settings, self._before_commit, self._metrics)
             self._reconnect_delay = RECONNECT_INITIAL  # a batch succeeded: the database is fine
             if result.unreachable is not None:
                 self._broker.lost(result.unreachable)
                 continue
             self._broker.succeeded()
             now = time.monotonic()
+            if result.published and self._metrics is not None:
+                self._metrics.broker_contact(ok=True)
+                self._last_contact = now
             if lane == 0 and now >= next_reconcile:  # also during a backlog, which may last long
-                await reconcile(work, self._inspector, settings)
+                reconciled = await reconcile(work, self._inspector, settings)
+                if self._metrics is not None:
+                    self._metrics.reconciled(reconciled.republished, reconciled.dead)
                 next_reconcile = now + settings.relay_reconcile_interval
             if result.claimed >= settings.relay_batch_size:
                 # A full batch: more rows are probably waiting, so every lane helps.
@@ -246,6 +269,28 @@ class Relay:
                 last_busy = now
             lingering = now - last_busy < settings.relay_linger
             await self._sleep(0, settings.relay_busy_poll if lingering else settings.relay_poll_interval)
+
+    async def _sample(self, metrics: RelayMetrics, connection: asyncpg.Connection) -> None:
+        """Every RELAY_METRICS_INTERVAL: the table-wide figures (the queries of `relay status`) and, when no
+        batch reached the broker meanwhile, a probe of it, so `outbox_broker_up` is current while idle.
+        The probe only informs the gauge; the lanes find an outage themselves at their next publish."""
+        interval = self._settings.relay_metrics_interval
+        while not self._stopping:
+            if connection.is_closed():
+                raise ConnectionLost("the relay's metrics connection closed")
+            try:
+                await metrics.sample(connection)
+            except asyncpg.PostgresError as exc:  # e.g. a statement timeout on a huge table: try again later
+                if isinstance(exc, CONNECTION_ERRORS):
+                    raise
+                log.warning(
+                    "could not sample the outbox figures",
+                    extra={"event": "relay.sample_failed", "error": describe(exc)},
+                )
+            if self._broker.reachable and time.monotonic() - self._last_contact > interval:
+                metrics.broker_contact(ok=await self._publisher.probe() is None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), interval)
 
     async def _sleep(self, lane: int, seconds: float) -> None:
         """Wait for the lane's wake-up (a notification, a backlog, stop()) or `seconds`."""
@@ -286,9 +331,25 @@ def hold_hook_from_environment() -> BeforeCommit | None:
 
 
 async def run_daemon(settings: Settings) -> None:
-    """Run a relay until SIGTERM or SIGINT, then return after a clean stop."""
-    relay = Relay(settings, before_commit=hold_hook_from_environment())
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, relay.stop)
-    await relay.run()
+    """Run a relay until SIGTERM or SIGINT, then return after a clean stop.
+
+    Tracing is configured first (the publisher's spans follow it); metrics are served on
+    RELAY_METRICS_PORT unless it is 0, which also leaves the figures unsampled.
+    """
+    provider = configure_tracing(RELAY_SERVICE)
+    metrics = RelayMetrics() if settings.relay_metrics_port else None
+    server = (
+        start_metrics_server(metrics.registry, settings.relay_metrics_port, variable="RELAY_METRICS_PORT")
+        if metrics
+        else None
+    )
+    try:
+        relay = Relay(settings, before_commit=hold_hook_from_environment(), metrics=metrics)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, relay.stop)
+        await relay.run()
+    finally:
+        if server is not None:
+            server.close()
+        flush_tracing(provider)

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -30,6 +30,7 @@ from core.settings import Settings
 from relay.broker import is_unreachable
 from relay.celery_app import create_celery_app
 from relay.messages import RedisMessageBuilder
+from relay.tracing import PublishTracer
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,11 @@ class Publisher(Protocol):
 class RedisBatchPublisher:
     """One pipelined round trip per batch to a Redis broker (redis:// or rediss://)."""
 
-    def __init__(self, app: Celery, broker_url: str, queue: str, timeout: float) -> None:
+    def __init__(
+        self, app: Celery, broker_url: str, queue: str, timeout: float, tracer: PublishTracer | None = None
+    ) -> None:
         self._builder = RedisMessageBuilder(app, queue)
+        self._tracer = tracer or PublishTracer(queue)
         self._timeout = timeout
         # No automatic retries: a retried pipeline could push the batch twice, and the relay
         # already retries each row with backoff.
@@ -84,6 +88,12 @@ class RedisBatchPublisher:
         self._declared = False
 
     async def publish(self, rows: Sequence[OutboxRow]) -> Outcomes:
+        spans, headers = self._tracer.start(rows)
+        outcomes = await self._publish(rows, headers)
+        self._tracer.end(spans, outcomes)
+        return outcomes
+
+    async def _publish(self, rows: Sequence[OutboxRow], headers: list[dict[str, Any]]) -> Outcomes:
         outcomes: Outcomes = [None] * len(rows)
         # One LPUSH per list key with every payload, in claim order: Redis pushes the values
         # one after the other, exactly as one LPUSH per message would, for a fraction of the cost.
@@ -93,7 +103,7 @@ class RedisBatchPublisher:
                 outcomes[index] = Refused(f"cannot build message: {row.decode_error}")
                 continue
             try:
-                key, payload = self._builder.build(str(row.id), row.task_name, row.kwargs)
+                key, payload = self._builder.build(str(row.id), row.task_name, row.kwargs, headers=headers[index])
             except Exception as exc:  # a poison row fails alone, whatever it raises
                 outcomes[index] = Refused(f"cannot build message: {describe(exc)}")
                 continue
@@ -139,8 +149,16 @@ class RedisBatchPublisher:
 class SendTaskPublisher:
     """Celery's send_task per row, in a worker thread, for brokers without a batch path."""
 
-    def __init__(self, app: Celery, queue: str, timeout: float, batch_budget: float | None = None) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        queue: str,
+        timeout: float,
+        batch_budget: float | None = None,
+        tracer: PublishTracer | None = None,
+    ) -> None:
         self._app = app
+        self._tracer = tracer or PublishTracer(queue)
         self._queue = queue
         self._timeout = timeout
         # A batch's transaction stays open while it publishes, and PostgreSQL ends a session idle in
@@ -152,10 +170,16 @@ class SendTaskPublisher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-send-task")
 
     async def publish(self, rows: Sequence[OutboxRow]) -> Outcomes:
+        spans, headers = self._tracer.start(rows)
+        outcomes = await self._publish(rows, headers)
+        self._tracer.end(spans, outcomes)
+        return outcomes
+
+    async def _publish(self, rows: Sequence[OutboxRow], headers: list[dict[str, Any]]) -> Outcomes:
         outcomes: list[Outcome | _Pending] = [PENDING] * len(rows)
         give_up = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._publish_all, rows, outcomes, give_up)
+        future = loop.run_in_executor(self._executor, self._publish_all, rows, headers, outcomes, give_up)
         done_before = -1
         ends = loop.time() + self._budget if self._budget is not None else float("inf")
         # The timeout applies to progress, not to the batch: it fires only if no row completes
@@ -178,17 +202,25 @@ class SendTaskPublisher:
         return [timed_out if o is PENDING else o for o in list(outcomes)]  # type: ignore[misc]
 
     def _publish_all(
-        self, rows: Sequence[OutboxRow], outcomes: list[Outcome | _Pending], give_up: threading.Event
+        self,
+        rows: Sequence[OutboxRow],
+        headers: list[dict[str, Any]],
+        outcomes: list[Outcome | _Pending],
+        give_up: threading.Event,
     ) -> None:
         try:
-            self._publish_each(rows, outcomes, give_up)
+            self._publish_each(rows, headers, outcomes, give_up)
         except Exception as exc:  # acquiring the producer failed: nothing went out
             for index, outcome in enumerate(outcomes):
                 if outcome is PENDING:
                     outcomes[index] = Unsent(f"broker unavailable: {describe(exc)}")
 
     def _publish_each(
-        self, rows: Sequence[OutboxRow], outcomes: list[Outcome | _Pending], give_up: threading.Event
+        self,
+        rows: Sequence[OutboxRow],
+        headers: list[dict[str, Any]],
+        outcomes: list[Outcome | _Pending],
+        give_up: threading.Event,
     ) -> None:
         with self._app.producer_or_acquire() as producer:
             for index, row in enumerate(rows):
@@ -199,7 +231,12 @@ class SendTaskPublisher:
                     continue
                 try:
                     self._app.send_task(
-                        row.task_name, kwargs=row.kwargs, task_id=str(row.id), queue=self._queue, producer=producer
+                        row.task_name,
+                        kwargs=row.kwargs,
+                        task_id=str(row.id),
+                        queue=self._queue,
+                        producer=producer,
+                        headers=headers[index],
                     )
                 except Exception as exc:
                     if not is_unreachable(exc):  # a poison row fails alone

@@ -14,6 +14,7 @@ from celery import Celery, signals
 
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
+from worker import observability
 from worker.context import WorkerContext
 from worker.tasks import register_tasks
 
@@ -129,6 +130,7 @@ def create_celery_app(settings: Settings) -> WorkerApp:
     app = WorkerApp(context)
     app.conf.update(celery_config(settings))
     register_tasks(app, context)
+    observability.install(app, settings)  # metrics on WORKER_METRICS_PORT, task spans
 
     def configure(**_: Any) -> None:
         # Connecting this signal stops Celery from installing its own handlers: one log format

@@ -38,6 +38,7 @@ from worker.effects import (
 )
 from worker.errors import DeliveryUncertain, InvalidTaskArguments, PermanentDeliveryError
 from worker.mailer import build_message, send_email
+from worker.observability import absorbed
 from worker.retry import is_permanent_smtp_error, is_transient
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _started(task: OutboxTask) -> dict[str, Any] | None:
     """Record the delivery's start; the stored result if the task id's effect is already done."""
     lease = task.settings.celery_task_time_limit
     stored = task.database.run(partial(start_delivery, task_id=task.request.id, lease_seconds=lease))
-    return stored.result if stored is not None and stored.state == RunState.DONE else None
+    return absorbed(task, stored.result) if stored is not None and stored.state == RunState.DONE else None
 
 
 def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +213,7 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
         return done
     if claim.result is not None:
         task.complete()
-        return claim.result
+        return absorbed(task, claim.result)
     if claim.token is None:
         # A duplicate delivery is sending right now. Come back when its lease runs out: by then
         # it has recorded the email (we return its result) or died (we take over).

@@ -36,31 +36,39 @@ def insert_messages_sql(*, first_param: int, transaction_param: int | None) -> s
     """The INSERT of a use case's messages, for the use case to end its own statement with.
 
     The transfer writes its transaction and its messages in one statement (one round trip), so
-    it composes this text after its own CTEs. Parameters first_param.. first_param+2 are the
-    arrays message_arguments() returns; transaction_param (if any) is the transaction's id.
+    it composes this text after its own CTEs. Parameters first_param.. first_param+3 are what
+    message_arguments() returns (three arrays, then the traceparent every row of the statement
+    shares); transaction_param (if any) is the transaction's id.
     """
-    ids, names, kwargs = (f"${first_param + offset}" for offset in range(3))
+    ids, names, kwargs, traceparent = (f"${first_param + offset}" for offset in range(4))
     transaction = f"${transaction_param}" if transaction_param is not None else "NULL::uuid"
     return f"""
-INSERT INTO outbox (id, task_name, kwargs, transaction_id)
-SELECT message.id, message.task_name, message.kwargs::jsonb, {transaction}
+INSERT INTO outbox (id, task_name, kwargs, transaction_id, traceparent)
+SELECT message.id, message.task_name, message.kwargs::jsonb, {transaction}, {traceparent}::text
 FROM unnest({ids}::uuid[], {names}::text[], {kwargs}::text[]) AS message (id, task_name, kwargs)
 """
 
 
-def message_arguments(ids: Sequence[UUID], messages: Sequence[TaskMessage]) -> list[list[Any]]:
-    """The three arrays insert_messages_sql() binds: ids, task names, kwargs as JSON text."""
-    return [list(ids), [m.task_name for m in messages], [json.dumps(m.kwargs) for m in messages]]
+def message_arguments(
+    ids: Sequence[UUID], messages: Sequence[TaskMessage], traceparent: str | None = None
+) -> list[Any]:
+    """What insert_messages_sql() binds: ids, task names, kwargs as JSON text, and the W3C
+    `traceparent` of the span writing them (core.telemetry.current_traceparent(); None for none)."""
+    return [list(ids), [m.task_name for m in messages], [json.dumps(m.kwargs) for m in messages], traceparent]
 
 
-_INSERT_MESSAGES = insert_messages_sql(first_param=1, transaction_param=4)
+_INSERT_MESSAGES = insert_messages_sql(first_param=1, transaction_param=5)
 
 
 async def insert_messages(
-    connection: Connection, ids: Sequence[UUID], messages: Sequence[TaskMessage], transaction_id: UUID | None
+    connection: Connection,
+    ids: Sequence[UUID],
+    messages: Sequence[TaskMessage],
+    transaction_id: UUID | None,
+    traceparent: str | None = None,
 ) -> None:
     """Write messages as pending rows (for writers other than the transfer: deposits, the bench)."""
-    await connection.execute(_INSERT_MESSAGES, *message_arguments(ids, messages), transaction_id)
+    await connection.execute(_INSERT_MESSAGES, *message_arguments(ids, messages, traceparent), transaction_id)
 
 
 _NOTIFY = "SELECT pg_notify($1, '')"
@@ -109,6 +117,8 @@ class OutboxRow:
     kwargs: Any  # decoded JSON; a publisher rejects anything but an object
     attempts: int
     decode_error: str | None = None  # set when the stored kwargs are JSON Python cannot read
+    created_at: datetime | None = None  # the commit of the row (publish latency, the worker's completion latency)
+    traceparent: str | None = None  # the W3C trace context of the request that wrote it
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +135,7 @@ class Failure:
 # read, however many there are. A fresh row is due at its commit, so this is oldest first for
 # rows that never failed; a retried row takes its place when its retry falls due.
 _CLAIM = f"""
-SELECT id, task_name, kwargs::text AS kwargs, attempts
+SELECT id, task_name, kwargs::text AS kwargs, attempts, created_at, traceparent
 FROM outbox
 WHERE state = '{S.PENDING}' AND next_attempt_at <= now()
 ORDER BY next_attempt_at, created_at
@@ -146,11 +156,13 @@ async def claim_pending(connection: Connection, limit: int) -> list[OutboxRow]:
 def _claimed(record: asyncpg.Record) -> OutboxRow:
     # Decoded row by row: PostgreSQL accepts JSON that Python refuses (a 5,000-digit number, deep
     # nesting), and one such row must fail alone rather than the whole claim.
+    created_at, traceparent = record["created_at"], record["traceparent"]
     try:
         kwargs = json.loads(record["kwargs"])
     except (ValueError, RecursionError) as exc:
-        return OutboxRow(record["id"], record["task_name"], None, record["attempts"], f"undecodable kwargs: {exc}")
-    return OutboxRow(record["id"], record["task_name"], kwargs, record["attempts"])
+        error = f"undecodable kwargs: {exc}"
+        return OutboxRow(record["id"], record["task_name"], None, record["attempts"], error, created_at, traceparent)
+    return OutboxRow(record["id"], record["task_name"], kwargs, record["attempts"], None, created_at, traceparent)
 
 
 _MARK_PUBLISHED = f"""

@@ -32,9 +32,11 @@ KWARGS = {
     "data": {"amount": "12.50", "note": 'it\'s "quoted"\\ and\nsplit', "nested": {"deep": {"deeper": [1]}}},
 }
 # Fields that differ between any two messages by design: the task id (and what repeats it),
-# the per-message delivery tag, and reply_to, Celery's per-thread id (send_task runs in a thread).
+# the per-message delivery tag, reply_to, Celery's per-thread id (send_task runs in a thread), and
+# the row's commit time (outbox_created_at, the relay's header for the worker's completion latency).
 PER_MESSAGE = {
     "headers.id",
+    "headers.outbox_created_at",
     "headers.root_id",
     "properties.correlation_id",
     "properties.delivery_tag",
