@@ -210,7 +210,7 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
     if claim is None:  # a duplicate of a sent email
         assert done is not None
         task.complete()
-        return done
+        return absorbed(task, done)
     if claim.result is not None:
         task.complete()
         return absorbed(task, claim.result)
