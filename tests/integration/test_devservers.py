@@ -147,6 +147,7 @@ def _keepalive(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
 
 
+@pytest.mark.e2e
 def test_keepalive_restarts_a_crashed_child_until_it_exits_cleanly(tmp_path: Path) -> None:
     # The child fails twice, then succeeds: keepalive runs it three times and exits 0.
     script = (
@@ -162,6 +163,7 @@ def test_keepalive_restarts_a_crashed_child_until_it_exits_cleanly(tmp_path: Pat
     assert (tmp_path / "runs").read_text() == "xxx"
 
 
+@pytest.mark.e2e
 def test_keepalive_forwards_sigterm_and_does_not_restart(tmp_path: Path) -> None:
     script = (
         "import pathlib, signal, sys, time\n"

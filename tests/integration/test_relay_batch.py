@@ -561,6 +561,7 @@ async def test_a_send_task_batch_longer_than_its_budget_leaves_the_rest_for_the_
     assert {(r["attempts"], r["last_error"]) for r in left} == {(0, None)}
 
 
+@pytest.mark.e2e
 async def test_the_inspector_sees_the_messages_a_real_worker_holds(
     settings: Settings, engine: AsyncEngine, broker: PrivateRedis
 ) -> None:

@@ -26,6 +26,8 @@ from tests.workers import RunningWorker, insert_outbox_row, start_worker, worker
 from worker.celery_app import WorkerApp, create_celery_app
 from worker.errors import InvalidTaskArguments
 
+pytestmark = pytest.mark.e2e  # starts the worker as a process
+
 # Short limits so a duplicate waiting for another delivery's lease comes back within seconds.
 LIMITS = {
     "celery_task_time_limit": 4,
