@@ -204,7 +204,10 @@ async def test_broker_outage_pauses_publishing_without_counting_then_drains_and_
         await until(published(db, 50), what="drained after the outage")
 
         # The database drops the relay's connections: it reconnects and goes on.
-        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'relay%'")
+        await db.execute(
+            "SELECT pg_terminate_backend(pid)"
+            " FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'relay%'"
+        )
         await fill(db, 10)
         await until(published(db, 60), what="published after reconnect")
         relay.signal(signal.SIGTERM)
