@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import uuid
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -221,14 +222,50 @@ async def test_concurrent_requests_with_one_idempotency_key_make_one_transfer(
     assert balance == Decimal("5.00")
 
 
-async def test_outbox_kwargs_survive_json(
+def _no_floats_or_constants(text: str) -> object:
+    raise AssertionError(f"a task payload carries the number {text}: money and ids travel as strings")
+
+
+async def test_outbox_kwargs_are_exactly_the_task_payloads_in_strict_json(
     client: httpx.AsyncClient, operator: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
-    a = await open_account(client, operator, "10")
+    """What the relay will hand the broker, read as the text PostgreSQL stores: strict JSON (no
+    float, no NaN) that is exactly each task's keyword arguments."""
+    a = await open_account(client, operator, "10", email="payer@example.com")
     b = await open_account(client, operator)
-    await client.post(
+    response = await client.post(
         "/api/v1/transactions/transfer", json={"from_account_id": a, "to_account_id": b, "amount": "0.01"}
     )
+    assert response.status_code == 201, response.text
+    transfer = response.json()
     async with engine.connect() as connection:
-        for (kwargs,) in (await connection.execute(text("SELECT kwargs FROM outbox"))).all():
-            assert json.loads(json.dumps(kwargs)) == kwargs
+        rows = (
+            await connection.execute(
+                text("SELECT task_name, kwargs::text AS raw FROM outbox WHERE transaction_id = :id"),
+                {"id": transfer["id"]},
+            )
+        ).all()
+    payloads = {
+        row.task_name: json.loads(row.raw, parse_float=_no_floats_or_constants, parse_constant=_no_floats_or_constants)
+        for row in rows
+    }
+    assert len(rows) == 2
+    audit_data = payloads[AUDIT_LOG_TRANSACTION]["data"]
+    created_at = datetime.fromisoformat(audit_data.pop("created_at"))
+    assert created_at.utcoffset() == timedelta(0)
+    assert created_at == datetime.fromisoformat(transfer["created_at"])
+    assert payloads == {
+        SEND_TRANSACTION_EMAIL: {"email": "payer@example.com", "amount": "0.01", "status": "SUCCESS"},
+        AUDIT_LOG_TRANSACTION: {
+            "transaction_id": transfer["id"],
+            "data": {
+                "kind": "transfer",
+                "transaction_id": transfer["id"],
+                "from_account_id": a,
+                "to_account_id": b,
+                "amount": "0.01",
+                "currency": "EUR",
+                "status": "SUCCESS",
+            },
+        },
+    }
