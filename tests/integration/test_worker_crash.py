@@ -49,7 +49,6 @@ async def _rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
 
 
 async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_url: str, engine: AsyncEngine) -> None:
-    started = time.monotonic()
     queue = f"test-crash-{uuid.uuid4().hex[:8]}"
     email = {"email": "payer@example.com", "amount": "99.99", "status": "SUCCESS"}
     audit = {"transaction_id": str(uuid.uuid4()), "data": {"amount": "99.99"}}
@@ -66,7 +65,9 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_ur
             client.send_task(SEND_TRANSACTION_EMAIL, kwargs=email, task_id=email_id)
             client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=audit_id)
             await asyncio.to_thread(worker_a.wait_for_log, f"transaction_id={audit['transaction_id']}")
-            await asyncio.to_thread(_wait_for, lambda: sink.started >= 1)
+            await asyncio.to_thread(
+                _wait_for, lambda: sink.started >= 1, "worker A's email send reached the SMTP server"
+            )
             worker_a.kill()  # SIGKILL: no acknowledgement, no clean-up
             worker_a.process.wait(timeout=5)
 
@@ -91,11 +92,10 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_ur
         engine, "SELECT state FROM outbox WHERE id IN (CAST(:a AS uuid), CAST(:b AS uuid))", a=email_id, b=audit_id
     )
     assert [row.state for row in states] == ["completed", "completed"]
-    assert time.monotonic() - started < 60
 
 
-def _wait_for(condition: Any, timeout: float = 10.0) -> None:
+def _wait_for(condition: Any, what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
         time.sleep(0.05)
