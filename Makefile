@@ -34,6 +34,9 @@ demo: $(RUN_STAMP) ## Against a running `make run`: two accounts, a few transfer
 test: $(STAMP) ## Run the whole test suite against real PostgreSQL, Redis and Celery
 	$(BIN)/pytest -q
 
+mutation: $(STAMP) ## Mutation check of the pure rules against the unit tests (fails below 80% killed)
+	BIN=$(BIN) bash .ci/mutation
+
 bench: $(STAMP) ## Measure the service against its baselines (make bench ARGS=--quick)
 	$(BIN)/python -m bench $(ARGS)
 
@@ -52,4 +55,4 @@ typecheck: $(STAMP) ## mypy alone
 migrate: $(STAMP) ## Apply the migrations to the configured database
 	$(BIN)/alembic upgrade head
 
-.PHONY: help install run demo test bench lint fmt typecheck migrate
+.PHONY: help install run demo test mutation bench lint fmt typecheck migrate

@@ -11,9 +11,10 @@ from contextlib import ExitStack
 from decimal import Decimal
 
 import pytest
-import redis
 from alembic import command
 from alembic.config import Config
+from hypothesis import HealthCheck, Verbosity
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -27,6 +28,20 @@ from tests.servers import postgres_server, redis_server
 
 # pgserver logs from an atexit hook, after pytest has closed the streams it captured.
 logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+# CI: no deadline on a loaded machine, the same examples on every run (a failure reproduces with
+# the same command), and the failing example's blob printed for @reproduce_failure.
+hypothesis_settings.register_profile(
+    "ci", deadline=None, derandomize=True, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+# A developer's run: random examples, remembered in .hypothesis/ so a failure comes back first.
+hypothesis_settings.register_profile(
+    "dev", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.register_profile(
+    "debug", parent=hypothesis_settings.get_profile("dev"), verbosity=Verbosity.verbose
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = "task_runs, audit_log, outbox, idempotency_keys, transactions, accounts, clients"
@@ -76,9 +91,7 @@ def database_url(servers: tuple[str, str]) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url(servers: tuple[str, str]) -> str:
-    client = redis.Redis.from_url(servers[1])
-    client.flushdb()
-    client.close()
+    """This session's own Redis (tests/servers.py): nobody else flushes it, consumes from it or re-queues on it."""
     return servers[1]
 
 

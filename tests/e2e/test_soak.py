@@ -25,7 +25,7 @@ import pytest
 from tests.e2e.queries import fetch, outbox_states
 from tests.e2e.system import Managed, System, TransferLoad, wait_until
 
-pytestmark = pytest.mark.soak
+pytestmark = [pytest.mark.soak, pytest.mark.e2e]
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "1200"))
 SOAK_ENV = {

@@ -6,11 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.clients import Clients
 from core.settings import Settings
 from tests.conftest import ROOT, service_env
+
+pytestmark = pytest.mark.e2e  # runs `python -m api.clients` as a process
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

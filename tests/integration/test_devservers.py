@@ -147,6 +147,7 @@ def _keepalive(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
 
 
+@pytest.mark.e2e
 def test_keepalive_restarts_a_crashed_child_until_it_exits_cleanly(tmp_path: Path) -> None:
     # The child fails twice, then succeeds: keepalive runs it three times and exits 0.
     script = (
@@ -162,15 +163,18 @@ def test_keepalive_restarts_a_crashed_child_until_it_exits_cleanly(tmp_path: Pat
     assert (tmp_path / "runs").read_text() == "xxx"
 
 
+@pytest.mark.e2e
 def test_keepalive_forwards_sigterm_and_does_not_restart(tmp_path: Path) -> None:
+    # The child reports 'started' only once its handler is installed: a SIGTERM after that report
+    # cannot arrive before the handler (no fixed sleep to let it install one).
     script = (
         "import pathlib, signal, sys, time\n"
-        "pathlib.Path('started').write_text(pathlib.Path('started').read_text() + 'x' "
-        "if pathlib.Path('started').exists() else 'x')\n"
         "def stop(*_):\n"
         "    pathlib.Path('stopped').write_text('graceful')\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
+        "pathlib.Path('started').write_text(pathlib.Path('started').read_text() + 'x' "
+        "if pathlib.Path('started').exists() else 'x')\n"
         "time.sleep(60)\n"
     )
     process = _keepalive(tmp_path, script)
@@ -179,7 +183,6 @@ def test_keepalive_forwards_sigterm_and_does_not_restart(tmp_path: Path) -> None
         while not (tmp_path / "started").exists():
             assert time.monotonic() < deadline, "the child never started"
             time.sleep(0.02)
-        time.sleep(0.2)  # let the child install its handler
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:

@@ -11,9 +11,12 @@ import io
 import json
 import os
 import socket
+import struct
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 import asyncpg
@@ -31,7 +34,7 @@ from relay.batch import BatchResult, relay_batch
 from relay.broker import RedisQueueInspector, create_inspector
 from relay.celery_app import create_celery_app
 from relay.db import connect
-from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, create_publisher
+from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, Unsent, create_publisher
 from relay.reconciler import order_margin, reconcile
 from tests.conftest import account_holder, funded_account
 from tests.relays import PrivateRedis, new_queue, queued_messages
@@ -536,11 +539,57 @@ async def test_the_claim_reads_no_row_waiting_in_backoff(relay_settings: Setting
     assert scans[0].get("Rows Removed by Filter", 0) == 0
 
 
-async def test_send_task_publisher_matches_the_celery_app_settings(relay_settings: Settings) -> None:
-    app = create_celery_app(relay_settings)
-    assert app.conf.task_default_queue == relay_settings.celery_task_queue
-    assert app.conf.task_serializer == "json"
-    assert app.conf.task_publish_retry is False
+@contextmanager
+def resetting_listener() -> Iterator[tuple[int, list[int]]]:
+    """A port whose every connection is accepted and reset at once; yields it and the accept count."""
+    accepted = [0]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(50)
+
+        def serve() -> None:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:
+                    return
+                accepted[0] += 1
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        yield listener.getsockname()[1], accepted
+        listener.shutdown(socket.SHUT_RDWR)
+
+
+async def test_send_task_publisher_sends_each_row_once_to_its_queue_and_does_not_retry_a_failing_broker(
+    relay_settings: Settings, broker: PrivateRedis
+) -> None:
+    settings = relay_settings.model_copy(update={"relay_fast_publish": False})
+    rows = [queries.OutboxRow(uuid.uuid4(), "audit_log_transaction", {"n": n}, 0) for n in range(3)]
+    publisher = create_publisher(settings)
+    assert isinstance(publisher, SendTaskPublisher)
+    try:
+        assert await publisher.publish(rows) == [None, None, None]
+    finally:
+        await publisher.close()
+    messages = queued_messages(broker.client(), settings.celery_task_queue)
+    assert [(m.task_id, m.kwargs) for m in messages] == [(str(r.id), r.kwargs) for r in rows]
+    assert messages[0].raw["content-type"] == "application/json"
+    assert broker.client().llen("celery") == 0  # not Celery's default queue
+
+    # The relay retries each row with backoff and counts the attempt: the publisher itself must
+    # not retry (Celery's publish retry would hold the batch and hide the failure).
+    with resetting_listener() as (port, accepted):
+        failing = create_publisher(
+            settings.model_copy(update={"celery_broker_url_override": f"redis://127.0.0.1:{port}/0"})
+        )
+        try:
+            outcomes = await failing.publish(rows)
+        finally:
+            await failing.close()
+    assert all(isinstance(o, Unsent) and o.error.startswith("broker unavailable") for o in outcomes), outcomes
+    assert accepted[0] <= len(rows), f"{accepted[0]} connections for {len(rows)} rows: the publisher retried"
 
 
 async def test_a_send_task_batch_longer_than_its_budget_leaves_the_rest_for_the_next_batch(
@@ -561,6 +610,7 @@ async def test_a_send_task_batch_longer_than_its_budget_leaves_the_rest_for_the_
     assert {(r["attempts"], r["last_error"]) for r in left} == {(0, None)}
 
 
+@pytest.mark.e2e
 async def test_the_inspector_sees_the_messages_a_real_worker_holds(
     settings: Settings, engine: AsyncEngine, broker: PrivateRedis
 ) -> None:

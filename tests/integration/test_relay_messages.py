@@ -73,6 +73,7 @@ async def publish_one(db: asyncpg.Connection, settings: Settings, fast: bool) ->
     return row_id
 
 
+@pytest.mark.e2e
 async def test_fast_path_message_equals_send_task_message_and_a_worker_runs_both(
     relay_settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, database_url: str
 ) -> None:

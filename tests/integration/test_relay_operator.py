@@ -22,6 +22,12 @@ VALUES ($1, 'audit_log_transaction', '{}', $2::text, $3, $4, now() - make_interv
         CASE WHEN $2::text = 'completed' THEN now() - make_interval(secs => $5) + interval '0.25 s' END)
 """
 
+REPLAYED = """
+SELECT id, state, attempts, republishes, next_attempt_at <= now() AS due_now, published_at,
+       delivery_started_at, delivery_lease_until, last_error
+FROM outbox
+"""
+
 
 @pytest.fixture
 def env(settings: Settings, redis_url: str) -> dict[str, str]:
@@ -74,27 +80,40 @@ async def test_dead_lists_dead_and_failed_rows_and_replay_brings_them_back(
     failed = await add(db, OutboxState.FAILED, attempts=1, error="InvalidTaskArguments: amount")
     other_dead = await add(db, OutboxState.DEAD, attempts=10, error="cannot build message")
     published = await add(db, OutboxState.PUBLISHED)
+    # Counters and timestamps a replay must reset, not only `attempts`.
+    await db.execute(
+        "UPDATE outbox SET republishes = 3, next_attempt_at = now() + interval '1 hour',"
+        " delivery_started_at = now(), delivery_lease_until = now() + interval '1 hour'"
+        " WHERE id = ANY($1::uuid[])",
+        [dead, failed, other_dead],
+    )
 
     listing = run_relay_command(env, "dead")
     assert listing.returncode == 0
     lines = listing.stdout.strip().splitlines()
     assert lines[0].split("\t") == ["id", "state", "task_name", "attempts", "republishes", "last_error"]
     assert {line.split("\t")[0] for line in lines[1:]} == {str(dead), str(failed), str(other_dead)}
-    assert f"{failed}\tfailed\taudit_log_transaction\t1\t0\tInvalidTaskArguments: amount" in lines
+    assert f"{failed}\tfailed\taudit_log_transaction\t1\t3\tInvalidTaskArguments: amount" in lines
 
     one = run_relay_command(env, "replay", str(failed))
     assert (one.returncode, one.stdout.strip()) == (0, "replayed 1 row(s)")
     rest = run_relay_command(env, "replay", "--all-dead")
     assert (rest.returncode, rest.stdout.strip()) == (0, "replayed 2 row(s)")
-    rows = {r["id"]: r for r in await db.fetch("SELECT id, state, attempts, last_error FROM outbox")}
+    rows = {r["id"]: r for r in await db.fetch(REPLAYED)}
     for row_id in (dead, failed, other_dead):
-        assert (rows[row_id]["state"], rows[row_id]["attempts"]) == (OutboxState.PENDING, 0)
-        assert rows[row_id]["last_error"] == "replayed by operator"
+        row = rows[row_id]
+        assert (row["state"], row["attempts"], row["republishes"]) == (OutboxState.PENDING, 0, 0)
+        assert row["due_now"] is True, "a replayed row is claimable at once, not after its old backoff"
+        assert (row["published_at"], row["delivery_started_at"], row["delivery_lease_until"]) == (None, None, None)
+        assert row["last_error"] == "replayed by operator"
 
     not_dead = run_relay_command(env, "replay", str(published), str(uuid.uuid4()))
     assert not_dead.returncode == 1
     assert f"error: {published} is not a dead or failed outbox row" in not_dead.stderr
-    assert rows[published]["state"] == OutboxState.PUBLISHED
+    # Read after the refused replay: the published row is left as it was.
+    after = await db.fetchrow("SELECT state, attempts, last_error FROM outbox WHERE id = $1", published)
+    assert after is not None
+    assert (after["state"], after["attempts"], after["last_error"]) == (OutboxState.PUBLISHED, 0, None)
     assert run_relay_command(env, "dead").stdout.strip() == "no dead or failed rows"
 
 

@@ -10,7 +10,6 @@ import asyncio
 import json
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -111,7 +110,9 @@ async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
     assert lag < 2.0
     ids = [str(r["id"]) for r in await db.fetch("SELECT id FROM outbox")]
     assert sorted(m.task_id for m in queued_messages(broker.client(), queue)) == sorted(ids)
-    assert all(line["claimed"] for line in batch_logs(relay))  # idle polls are not logged
+    batches = batch_logs(relay)
+    assert sum(int(str(line["published"])) for line in batches) == 40, batches
+    assert all(line["claimed"] for line in batches)  # idle polls are not logged
 
 
 async def test_sigkill_mid_batch_then_restart_loses_nothing_and_duplicates_only_in_flight_rows(
@@ -204,7 +205,10 @@ async def test_broker_outage_pauses_publishing_without_counting_then_drains_and_
         await until(published(db, 50), what="drained after the outage")
 
         # The database drops the relay's connections: it reconnects and goes on.
-        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'relay%'")
+        await db.execute(
+            "SELECT pg_terminate_backend(pid)"
+            " FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'relay%'"
+        )
         await fill(db, 10)
         await until(published(db, 60), what="published after reconnect")
         relay.signal(signal.SIGTERM)
@@ -238,7 +242,13 @@ async def test_reconciler_republishes_a_message_the_broker_keeps_losing_then_giv
     assert row["last_error"] == "message gone after 2 re-publishes: queue empty"
     published_lines = [line for line in batch_logs(relay) if line["published"]]
     assert len(published_lines) == 3  # published once, re-published twice, with the same task id
-    assert uuid.UUID(str(row["id"]))
+    # Every re-publish and the final verdict were about this row, as the reconciler saw it.
+    reconciled = [line for line in json_logs(relay) if line.get("event") == "relay.reconciled"]
+    assert [(line["outbox_id"], line["state"]) for line in reconciled] == [
+        (str(row["id"]), OutboxState.PENDING),
+        (str(row["id"]), OutboxState.PENDING),
+        (str(row["id"]), OutboxState.DEAD),
+    ], reconciled
 
 
 async def test_a_queued_message_is_not_republished_however_long_it_waits(

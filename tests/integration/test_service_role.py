@@ -26,7 +26,11 @@ async def service_url(settings: Settings, db: asyncpg.Connection) -> AsyncIterat
         url = make_url(settings.async_database_url).set(username=role, password=None)
         yield url.render_as_string(hide_password=False)
     finally:
-        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND usename = $1",
+            role,
+        )
         await db.execute(f"DROP ROLE {role}")
 
 

@@ -8,6 +8,7 @@ lists every setting so it cannot fall behind core/settings.py.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from honcho.environ import parse_procfile
+from jsonschema import Draft7Validator
 
 from core.settings import Settings
 
@@ -217,22 +219,53 @@ def test_grafana_has_no_default_password_and_refuses_to_start_without_one(
     assert (started.returncode, started.stdout.strip()) == (0, "started")
 
 
-def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
-    """The full schema check, where a docker-compose binary exists (the structure tests above run everywhere)."""
-    tool = shutil.which("docker-compose")
+COMPOSE_SCHEMA = ROOT / "tests" / "unit" / "data" / "compose-spec.json"
+
+
+def _schema_errors(compose: dict[str, Any]) -> list[str]:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in Draft7Validator(schema).iter_errors(compose)]
+
+
+def test_the_file_is_valid_compose(tmp_path: Path) -> None:
+    """Checked against the Compose Specification's JSON schema (tests/unit/data), which needs no
+    Docker; where a Compose binary exists, `config` checks it too, with .env.example as .env."""
+    assert _schema_errors(yaml.safe_load((ROOT / "docker-compose.yml").read_text())) == []
+    tool = _compose_command()
     if tool is None:
-        pytest.skip("no docker-compose binary")
+        return
     (tmp_path / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
     secrets = "POSTGRES_PASSWORD=a\nPOSTGRES_ADMIN_PASSWORD=b\nREDIS_PASSWORD=c\nADMIN_API_KEY=" + "d" * 32 + "\n"
     (tmp_path / ".env").write_text((ROOT / ".env.example").read_text() + secrets)
     result = subprocess.run(
-        [tool, "--profile", "monitoring", "config", "--quiet"],
+        [*tool, "--profile", "monitoring", "config", "--quiet"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "key", "value"),
+    [("relay", "depends_on", {"migrate": {"condition": "service_finished"}}), ("api", "restart_policy", "always")],
+)
+def test_the_schema_check_catches_a_broken_file(service: str, key: str, value: object) -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose["services"][service][key] = value
+    assert _schema_errors(compose) != []
+
+
+def _compose_command() -> list[str] | None:
+    """`docker compose` (v2) or `docker-compose` (v1), whichever works here, else None."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        probe = subprocess.run([*command, "version"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return command
+    return None
 
 
 def test_commands_name_modules_that_exist() -> None:

@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL, TransferFacts, transfer_messages
+from core.contract import (
+    AUDIT_LOG_TRANSACTION,
+    SEND_TRANSACTION_EMAIL,
+    DepositFacts,
+    TaskMessage,
+    TransferFacts,
+    deposit_messages,
+    transfer_messages,
+)
 from core.money import check_transfer_amount, format_amount, parse_amount
 
 amounts = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("1000000"), places=2)
@@ -69,3 +77,53 @@ def test_naive_and_aware_times_are_not_mixed() -> None:
         TransferFacts(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), Decimal("1.00"), "EUR", "SUCCESS", moment, "a@b.co")
     )[1].kwargs
     assert payload["data"]["created_at"].endswith("+00:00")
+
+
+MOMENT = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
+IDS = [uuid.UUID(int=n) for n in (1, 2, 3)]
+
+
+def test_a_transfer_s_two_payloads_exactly() -> None:
+    facts = TransferFacts(IDS[0], IDS[1], IDS[2], Decimal("12.5"), "EUR", "SUCCESS", MOMENT, "payer@example.com")
+    assert transfer_messages(facts) == [
+        TaskMessage(SEND_TRANSACTION_EMAIL, {"email": "payer@example.com", "amount": "12.50", "status": "SUCCESS"}),
+        TaskMessage(
+            AUDIT_LOG_TRANSACTION,
+            {
+                "transaction_id": str(IDS[0]),
+                "data": {
+                    "kind": "transfer",
+                    "transaction_id": str(IDS[0]),
+                    "from_account_id": str(IDS[1]),
+                    "to_account_id": str(IDS[2]),
+                    "amount": "12.50",
+                    "currency": "EUR",
+                    "status": "SUCCESS",
+                    "created_at": "2026-03-01T12:30:00+00:00",
+                },
+            },
+        ),
+    ]
+
+
+def test_a_deposit_s_two_payloads_exactly() -> None:
+    facts = DepositFacts(IDS[0], IDS[2], Decimal("7"), "USD", "SUCCESS", MOMENT, "owner@example.com")
+    assert deposit_messages(facts) == [
+        TaskMessage(SEND_TRANSACTION_EMAIL, {"email": "owner@example.com", "amount": "7.00", "status": "SUCCESS"}),
+        TaskMessage(
+            AUDIT_LOG_TRANSACTION,
+            {
+                "transaction_id": str(IDS[0]),
+                "data": {
+                    "kind": "deposit",
+                    "transaction_id": str(IDS[0]),
+                    "from_account_id": None,
+                    "to_account_id": str(IDS[2]),
+                    "amount": "7.00",
+                    "currency": "USD",
+                    "status": "SUCCESS",
+                    "created_at": "2026-03-01T12:30:00+00:00",
+                },
+            },
+        ),
+    ]

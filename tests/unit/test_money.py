@@ -66,3 +66,43 @@ def test_json_values_that_are_not_strings_are_refused(raw: object) -> None:
 def test_transfer_amounts_are_positive_and_bounded(amount: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_transfer_amount(parse_amount(amount), Decimal("10.00"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (12.5, "number"),
+        (12, "number"),
+        (True, "boolean"),
+        (False, "boolean"),
+        (None, "null"),
+        ([], "array"),
+        ({}, "object"),
+    ],
+)
+def test_a_json_value_that_is_not_a_string_is_refused_by_its_json_type(raw: object, kind: str) -> None:
+    # The message goes back to the client as the error's text: it names what was sent.
+    expected = (
+        f'amount must be a decimal string of digits with at most 2 decimal places, such as "12.50", not a JSON {kind}'
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        parse_amount(raw)
+
+
+@pytest.mark.parametrize(
+    ("amount", "message"),
+    [
+        ("0", "amount must be greater than 0"),
+        ("0.001", "amount must have at most 2 decimal places"),
+        ("10.01", "amount must not exceed 10.00"),
+    ],
+)
+def test_a_refused_transfer_amount_says_why_in_words_the_client_reads(amount: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_transfer_amount(Decimal(amount), Decimal("10.00"))
+
+
+def test_the_largest_amount_is_allowed_and_one_cent_more_is_not() -> None:
+    assert check_transfer_amount(Decimal("10.00"), Decimal("10.00")) == Decimal("10.00")
+    assert str(check_transfer_amount(Decimal("7"), Decimal("10.00"))) == "7.00"
+    assert str(check_transfer_amount(Decimal("0.01"), Decimal("10.00"))) == "0.01"

@@ -51,6 +51,8 @@ def test_backoff_rejects_zero_failures() -> None:
         ("2w", timedelta(weeks=2)),
         ("1d12h", timedelta(days=1, hours=12)),
         ("1.5h", timedelta(minutes=90)),
+        ("0.5s", timedelta(milliseconds=500)),
+        ("1s", timedelta(seconds=1)),
         (" 7D ", timedelta(days=7)),
     ],
 )
