@@ -20,7 +20,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 from core.contract import TransferFacts, transfer_messages
-from core.ledger import LOCK_ACCOUNTS, MOVE_AND_RECORD_WITH_OUTBOX, SUCCESS
+from core.ledger import LOCK_ACCOUNTS, MOVE_AND_RECORD_WITH_OUTBOX, SUCCESS, transfer_values
 from core.outbox import queries as outbox
 
 
@@ -60,15 +60,7 @@ def create_minimal_app(database_url: str, pool_size: int) -> FastAPI:
                 source["owner_email"],
             )
             messages = transfer_messages(facts)
-            values = [
-                facts.transaction_id,
-                facts.from_account_id,
-                facts.to_account_id,
-                facts.amount,
-                facts.currency,
-                facts.status,
-                facts.created_at,
-            ]
+            values = transfer_values(facts)
             message_ids = [uuid.uuid4() for _ in messages]
             await connection.execute(
                 MOVE_AND_RECORD_WITH_OUTBOX, *values, *outbox.message_arguments(message_ids, messages)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -317,6 +318,19 @@ def _checked(amount: Decimal, limit: Decimal) -> Decimal:
         raise InvalidAmount("amount", str(exc)) from None
 
 
+def transfer_values(facts: TransferFacts) -> list[Any]:
+    """The parameters $1..$7 of MOVE_AND_RECORD(_WITH_OUTBOX), in order."""
+    return [
+        facts.transaction_id,
+        facts.from_account_id,
+        facts.to_account_id,
+        facts.amount,
+        facts.currency,
+        facts.status,
+        facts.created_at,
+    ]
+
+
 async def _move_money(
     connection: asyncpg.Connection,
     request: TransferRequest,
@@ -354,15 +368,7 @@ async def _move_money(
         created_at=datetime.now(UTC),
         source_email=source["owner_email"],
     )
-    values = [
-        facts.transaction_id,
-        facts.from_account_id,
-        facts.to_account_id,
-        facts.amount,
-        facts.currency,
-        facts.status,
-        facts.created_at,
-    ]
+    values = transfer_values(facts)
     if side_effects is None:
         await connection.execute(_MOVE_AND_RECORD, *values)
         return facts
