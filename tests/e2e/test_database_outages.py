@@ -105,20 +105,7 @@ def _check_tasks(system: System, database: str, answers: list[Answer]) -> None:
     assert created <= transfers, "a transfer answered 201 was lost"
     # A 503 whose COMMIT reached the server before the connection broke may still have committed.
     assert len(transfers - created) <= sum(1 for a in answers if a.status == 503)
-    committed = {r["id"] for r in fetch(database, "SELECT id::text AS id FROM transactions")}
-    rows = fetch(database, "SELECT id::text AS id, task_name, transaction_id::text AS tx FROM outbox")
-    assert {r["tx"] for r in rows} == committed
-    assert Counter(r["task_name"] for r in rows) == {
-        "send_transaction_email": len(committed),
-        "audit_log_transaction": len(committed),
-    }
-    audit = Counter(r["transaction_id"] for r in fetch(database, "SELECT transaction_id::text FROM audit_log"))
-    assert set(audit) == committed
-    assert set(audit.values()) == {1}, "an audit row was written twice"
-    email_ids = {f"<{r['id']}@outbox-transfers>" for r in rows if r["task_name"] == "send_transaction_email"}
-    received = Counter(message["Message-ID"] for message in system.smtp.received())
-    assert set(received) == email_ids, "an email is missing, or one was sent for a refused transfer"
-    assert set(received.values()) == {1}, "an email was sent twice"
+    system.each_transfer_once(transfers)
 
 
 def test_a_database_restart_under_load_refuses_only_while_it_is_down(
