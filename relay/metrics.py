@@ -64,6 +64,9 @@ class RelayMetrics:
         self.republished = Counter(
             "outbox_republished", "Published rows the reconciler put back to pending.", registry=registry
         )
+        self.reconcile_runs = Counter(
+            "outbox_reconcile_runs", "Passes of the reconciler over the published rows.", registry=registry
+        )
         self._publish_latency = Histogram(
             "outbox_publish_latency_seconds",
             "Commit to broker acceptance of each published row.",
@@ -112,6 +115,7 @@ class RelayMetrics:
             self.dead.inc(dead)
 
     def reconciled(self, republished: int, dead: int) -> None:
+        self.reconcile_runs.inc()
         if republished:
             self.republished.inc(republished)
         if dead:
