@@ -7,10 +7,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.settings import Settings
-from tests.conftest import service_env
-from tests.e2e.system import E2E_ENV, System
-from tests.relays import private_redis
-from tests.smtp import smtp_sink
+from tests.support.environment import service_env
+from tests.support.relays import private_redis
+from tests.support.smtp import smtp_sink
+from tests.support.system import E2E_ENV, System
 
 
 @pytest.fixture

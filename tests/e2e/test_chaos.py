@@ -14,8 +14,10 @@ import httpx
 import pytest
 
 from core.settings import Settings
-from tests.e2e.queries import fetch, outbox_states
-from tests.e2e.system import System, wait_until
+from tests.support.database import select
+from tests.support.outbox import outbox_states
+from tests.support.system import System
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +80,7 @@ def test_nothing_is_lost_through_relay_crashes_a_redis_restart_and_a_worker_kill
     database = settings.libpq_database_url
     key = system.new_client_key("chaos")
     accounts = system.funded_accounts(key, *[str(OPENING)] * ACCOUNTS)
-    deposits = {r["id"] for r in fetch(database, "SELECT id::text AS id FROM transactions WHERE kind = 'deposit'")}
+    deposits = {r["id"] for r in select(database, "SELECT id::text AS id FROM transactions WHERE kind = 'deposit'")}
     assert len(deposits) == ACCOUNTS
     stop = threading.Event()
     faults: list[str] = []
@@ -98,14 +100,14 @@ def test_nothing_is_lost_through_relay_crashes_a_redis_restart_and_a_worker_kill
     # Settles well within the completion deadline (15 s) plus a reconcile pass or two.
     wait_until(lambda: set(outbox_states(database)) == {"completed"}, 120, "every outbox row completed", interval=1)
 
-    rows = fetch(database, "SELECT id::text AS id, task_name, transaction_id::text AS tx, republishes FROM outbox")
+    rows = select(database, "SELECT id::text AS id, task_name, transaction_id::text AS tx, republishes FROM outbox")
     recorded = committed | deposits
     assert {r["tx"] for r in rows} == recorded
     assert Counter(r["task_name"] for r in rows) == {
         "send_transaction_email": len(recorded),
         "audit_log_transaction": len(recorded),
     }
-    audit = Counter(r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log"))
+    audit = Counter(r["transaction_id"] for r in select(database, "SELECT transaction_id FROM audit_log"))
     assert set(audit) == recorded
     assert set(audit.values()) == {1}, "an audit row was written twice"
 
@@ -118,8 +120,8 @@ def test_nothing_is_lost_through_relay_crashes_a_redis_restart_and_a_worker_kill
     resent = sum(n - 1 for n in received.values())
     assert resent <= int(system.env["CELERY_WORKER_CONCURRENCY"]), received.most_common(3)
 
-    total = fetch(database, "SELECT sum(balance) AS total, min(balance) AS lowest FROM accounts")[0]
-    deposited = fetch(database, "SELECT sum(amount) AS total FROM transactions WHERE kind = 'deposit'")[0]["total"]
+    total = select(database, "SELECT sum(balance) AS total, min(balance) AS lowest FROM accounts")[0]
+    deposited = select(database, "SELECT sum(amount) AS total FROM transactions WHERE kind = 'deposit'")[0]["total"]
     assert total["total"] == deposited == OPENING * ACCOUNTS, "the books balance"
     assert total["lowest"] >= 0
     print(

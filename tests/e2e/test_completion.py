@@ -5,19 +5,42 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 
+import httpx
 import pytest
 
 from core.settings import Settings
-from tests.e2e.queries import fetch
-from tests.e2e.system import ROOT, System, wait_until
+from devservers.embedded import free_port
+from tests.support.database import select
+from tests.support.environment import ROOT
+from tests.support.metrics import scrape, value
+from tests.support.outbox import OutboxRecord, outbox_rows_now
+from tests.support.system import System
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
-FAST_RECONCILE = {"RELAY_COMPLETION_DEADLINE": "2", "RELAY_RECONCILE_INTERVAL": "0.3"}
+RELAY_PORT = free_port()
+FAST_RECONCILE = {
+    "RELAY_COMPLETION_DEADLINE": "2",
+    "RELAY_RECONCILE_INTERVAL": "0.3",
+    "RELAY_METRICS_PORT": str(RELAY_PORT),  # its reconcile-runs counter says when passes have happened
+}
+
+
+def _reconcile_runs() -> float:
+    try:
+        return value(scrape(RELAY_PORT), "outbox_reconcile_runs_total")
+    except httpx.HTTPError:  # not serving yet
+        return 0.0
+
+
+def _wait_reconcile_passes(passes: int, what: str) -> None:
+    """Until the relay's reconciler has made `passes` more passes over the published rows."""
+    target = _reconcile_runs() + passes
+    wait_until(lambda: _reconcile_runs() >= target, 30, f"{passes} reconcile passes {what}")
 
 
 @dataclass(frozen=True)
@@ -36,8 +59,8 @@ def _funded(system: System) -> Funded:
     key = system.new_client_key()
     source, target = system.funded_accounts(key, "50", "0")
     database = system.env["DATABASE_URL"]
-    wait_until(lambda: {r["state"] for r in _rows(database).values()} == {"completed"}, 30, "the deposit's tasks")
-    fetch(database, "DELETE FROM outbox")
+    wait_until(lambda: {r.state for r in _rows(database).values()} == {"completed"}, 30, "the deposit's tasks")
+    select(database, "DELETE FROM outbox")
     return Funded(key, source, target, system.smtp.count, system.smtp.started)
 
 
@@ -52,9 +75,8 @@ def _transfer(system: System, funded: Funded) -> str:
     return transaction_id
 
 
-def _rows(database: str) -> dict[str, dict[str, object]]:
-    rows = fetch(database, "SELECT id::text AS id, task_name, state, republishes, last_error FROM outbox")
-    return {r["task_name"]: dict(r) for r in rows}
+def _rows(database: str) -> dict[str, OutboxRecord]:
+    return {row.task_name: row for row in outbox_rows_now(database)}
 
 
 @pytest.mark.parametrize("system_env", [FAST_RECONCILE])
@@ -63,7 +85,7 @@ def test_a_message_the_broker_lost_is_republished_and_runs_once(system: System, 
     funded = _funded(system)
     system.processes["worker"].stop()
     transaction_id = _transfer(system, funded)
-    wait_until(lambda: {r["state"] for r in _rows(database).values()} == {"published"}, 15, "both rows published")
+    wait_until(lambda: {r.state for r in _rows(database).values()} == {"published"}, 15, "both rows published")
 
     broker = system.redis.client()
     assert broker.llen("e2e") == 2
@@ -71,10 +93,10 @@ def test_a_message_the_broker_lost_is_republished_and_runs_once(system: System, 
     broker.close()
     system.processes["worker"].start()
 
-    wait_until(lambda: {r["state"] for r in _rows(database).values()} == {"completed"}, 30, "rows completed")
+    wait_until(lambda: {r.state for r in _rows(database).values()} == {"completed"}, 30, "rows completed")
     rows = _rows(database)
-    assert all(r["republishes"] == 1 for r in rows.values()), rows
-    assert len(fetch(database, "SELECT 1 FROM audit_log WHERE transaction_id = $1", transaction_id)) == 1
+    assert all(r.republishes == 1 for r in rows.values()), rows
+    assert len(select(database, "SELECT 1 FROM audit_log WHERE transaction_id = $1", transaction_id)) == 1
     assert system.smtp.count == funded.emails + 1
 
 
@@ -84,19 +106,22 @@ def test_a_task_that_always_fails_is_failed_not_republished_and_listed_as_dead(
 ) -> None:
     database = settings.libpq_database_url
     poison = str(uuid.uuid4())
-    fetch(
+    select(
         database,
         "INSERT INTO outbox (id, task_name, kwargs) VALUES ($1, 'send_transaction_email', $2::jsonb)",
         poison,
         json.dumps({"email": "not-an-email", "amount": "1.00", "status": "SUCCESS"}),
     )
-    wait_until(lambda: _rows(database)["send_transaction_email"]["state"] == "failed", 20, "the row failed")
-    time.sleep(3 * float(FAST_RECONCILE["RELAY_COMPLETION_DEADLINE"]))  # several reconcile passes
+    wait_until(lambda: _rows(database)["send_transaction_email"].state == "failed", 20, "the row failed")
+    # Passes past three completion deadlines: a reconciler that took a failed row for lost would
+    # have re-published it by then.
+    wait_until(lambda: _reconcile_runs() > 0, 30, "the relay's first reconcile pass")
+    _wait_reconcile_passes(int(3 * 2 / 0.3), "after the row failed")
 
     row = _rows(database)["send_transaction_email"]
-    assert row["state"] == "failed"
-    assert row["republishes"] == 0
-    assert "email" in str(row["last_error"])
+    assert row.state == "failed"
+    assert row.republishes == 0
+    assert "email" in str(row.last_error)
     listed = subprocess.run(
         [sys.executable, "-m", "relay", "dead"], cwd=ROOT, env=system.env, capture_output=True, text=True, check=False
     )
@@ -118,12 +143,12 @@ def test_a_slow_task_still_running_at_the_deadline_is_not_republished_and_its_ef
     database = settings.libpq_database_url
     funded = _funded(system)
     transaction_id = _transfer(system, funded)
-    wait_until(lambda: {r["state"] for r in _rows(database).values()} == {"completed"}, 30, "rows completed")
-    time.sleep(3)  # more reconcile passes, after completion
+    wait_until(lambda: {r.state for r in _rows(database).values()} == {"completed"}, 30, "rows completed")
+    _wait_reconcile_passes(10, "after completion")
 
     rows = _rows(database)
-    assert {r["state"] for r in rows.values()} == {"completed"}
-    assert all(r["republishes"] == 0 for r in rows.values()), rows
-    assert len(fetch(database, "SELECT 1 FROM audit_log WHERE transaction_id = $1", transaction_id)) == 1
+    assert {r.state for r in rows.values()} == {"completed"}
+    assert all(r.republishes == 0 for r in rows.values()), rows
+    assert len(select(database, "SELECT 1 FROM audit_log WHERE transaction_id = $1", transaction_id)) == 1
     assert system.smtp.count == funded.emails + 1
     assert system.smtp.started == funded.started + 1, "the duplicate delivery reached the SMTP server"

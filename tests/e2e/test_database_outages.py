@@ -19,11 +19,12 @@ from alembic import command
 from sqlalchemy import make_url
 
 from core.settings import Settings
-from tests.conftest import _admin, _async_url, alembic_config
-from tests.e2e.load import Answer, open_accounts, steady_transfers
-from tests.e2e.queries import all_completed, fetch
-from tests.e2e.system import System, wait_until
-from tests.servers import OwnPostgres, own_postgres
+from tests.support.database import alembic_config, async_url, run_admin, select
+from tests.support.load import Answer, open_accounts, steady_transfers
+from tests.support.outbox import all_completed
+from tests.support.servers import OwnPostgres, own_postgres
+from tests.support.system import System
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -50,8 +51,8 @@ def server() -> Iterator[OwnPostgres]:
 @pytest.fixture(scope="module")
 def database_url(server: OwnPostgres) -> str:
     """Overrides the suite's database: a migrated one on this module's own server."""
-    asyncio.run(_admin(server.admin_url, 'CREATE DATABASE "outages"'))
-    url = _async_url(make_url(server.admin_url).set(database="outages").render_as_string(hide_password=False))
+    asyncio.run(run_admin(server.admin_url, 'CREATE DATABASE "outages"'))
+    url = async_url(make_url(server.admin_url).set(database="outages").render_as_string(hide_password=False))
     command.upgrade(alembic_config(url), "head")
     return url
 
@@ -101,7 +102,7 @@ def _check_tasks(system: System, database: str, answers: list[Answer]) -> None:
     one audit row."""
     wait_until(lambda: all_completed(database), 60, "every outbox row completed", interval=0.5)
     created = {a.transaction_id for a in answers if a.status == 201}
-    transfers = {r["id"] for r in fetch(database, "SELECT id::text AS id FROM transactions WHERE kind = 'transfer'")}
+    transfers = {r["id"] for r in select(database, "SELECT id::text AS id FROM transactions WHERE kind = 'transfer'")}
     assert created <= transfers, "a transfer answered 201 was lost"
     # A 503 whose COMMIT reached the server before the connection broke may still have committed.
     assert len(transfers - created) <= sum(1 for a in answers if a.status == 503)
@@ -161,12 +162,12 @@ def test_all_service_connections_dropped_under_load_refuses_only_what_was_in_fli
     victims: dict[int, str] = {}
 
     def sessions() -> dict[int, str]:
-        return {r["pid"]: r["application_name"] for r in fetch(database, SERVICE_SESSIONS)}
+        return {r["pid"]: r["application_name"] for r in select(database, SERVICE_SESSIONS)}
 
     def terminate() -> tuple[float, float]:
         start = time.monotonic()
         victims.update(sessions())
-        fetch(database, "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", list(victims))
+        select(database, "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", list(victims))
         wait_until(lambda: not victims.keys() & sessions().keys(), 10, "the terminated sessions gone", 0.01)
         return start, time.monotonic()
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 from core.settings import Settings
-from tests.e2e.queries import all_completed, fetch, outbox_states, task_result
-from tests.e2e.system import System, wait_until
+from tests.support.database import select
+from tests.support.outbox import all_completed, outbox_states
+from tests.support.system import System
+from tests.support.waiting import wait_until
+from tests.support.workers import task_result
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +37,7 @@ def test_a_transfer_runs_both_tasks_once(system: System, settings: Settings) -> 
     messages = {m["task_name"]: m for m in detail["messages"]}
     assert set(messages) == {"send_transaction_email", "audit_log_transaction"}
     assert all(m["state"] == "completed" and m["published_at"] and m["completed_at"] for m in messages.values())
-    audit = fetch(database, "SELECT task_id, data FROM audit_log WHERE transaction_id = $1", transaction_id)
+    audit = select(database, "SELECT task_id, data FROM audit_log WHERE transaction_id = $1", transaction_id)
     assert len(audit) == 1
     assert audit[0]["task_id"] == messages["audit_log_transaction"]["id"]
     email_id = messages["send_transaction_email"]["id"]
@@ -73,8 +76,8 @@ def test_failed_transfers_produce_no_task(system: System, settings: Settings) ->
         )
         assert ok.status_code == 201
     wait_until(lambda: all_completed(database), 30, "the successful transfer's tasks")
-    assert fetch(database, "SELECT count(*) AS n FROM outbox")[0]["n"] == 4  # the deposit's two and the transfer's
-    audited = [r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log ORDER BY id")]
+    assert select(database, "SELECT count(*) AS n FROM outbox")[0]["n"] == 4  # the deposit's two and the transfer's
+    audited = [r["transaction_id"] for r in select(database, "SELECT transaction_id FROM audit_log ORDER BY id")]
     assert audited[-1] == ok.json()["id"]
     assert len(audited) == 2
     assert system.smtp.count == 2
@@ -100,11 +103,11 @@ def test_the_api_answers_without_waiting_for_any_task(system: System, settings: 
     wait_until(lambda: outbox_states(database) == {"completed": 2, "published": 20}, 30, "all 20 rows published")
     committed = sorted(r.json()["id"] for r in responses)
     audited = "SELECT transaction_id AS id FROM audit_log WHERE transaction_id = ANY($1::text[])"
-    assert fetch(database, audited, committed) == []
+    assert select(database, audited, committed) == []
     assert system.smtp.count == emails_before
 
     system.processes["worker"].start()
     wait_until(lambda: all_completed(database), 60, "the tasks completed once a worker ran")
-    assert sorted(r["id"] for r in fetch(database, audited, committed)) == committed
+    assert sorted(r["id"] for r in select(database, audited, committed)) == committed
     system.smtp.wait_for(emails_before + 10)
     assert system.smtp.count == emails_before + 10

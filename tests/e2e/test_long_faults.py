@@ -15,8 +15,10 @@ import time
 import psutil
 import pytest
 
-from tests.e2e.queries import fetch, outbox_states
-from tests.e2e.system import System, TransferLoad, wait_until
+from tests.support.database import select
+from tests.support.outbox import outbox_states
+from tests.support.system import System, TransferLoad
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +74,7 @@ def test_a_backlog_older_than_four_deadlines_is_not_republished_and_a_message_lo
         committed = {system.transfer(client, accounts[i % 6], accounts[(i + 1) % 6]) for i in range(150)}
     wait_until(lambda: outbox_states(database) == {"published": 300, "completed": 12}, 30, "all 300 rows published")
     time.sleep(max(0.0, 4 * deadline - (time.monotonic() - started)) + 1)
-    rows = fetch(database, "SELECT republishes FROM outbox")
+    rows = select(database, "SELECT republishes FROM outbox")
     assert sum(r["republishes"] for r in rows) == 0, "a queued message was re-published"
 
     broker = system.redis.client()
@@ -86,7 +88,7 @@ def test_a_backlog_older_than_four_deadlines_is_not_republished_and_a_message_lo
 
     _settled(system, 90)
     system.each_transfer_once(committed)
-    rows = fetch(database, "SELECT id::text AS id, republishes, deliveries, last_error FROM outbox")
+    rows = select(database, "SELECT id::text AS id, republishes, deliveries, last_error FROM outbox")
     assert {r["id"]: r["republishes"] for r in rows if r["republishes"]} == {lost_id: 1}
     assert {r["deliveries"] for r in rows} == {1}, "a row was delivered twice"
     assert next(r for r in rows if r["id"] == lost_id)["last_error"].startswith("re-published: ")
@@ -130,7 +132,7 @@ def test_a_relay_frozen_inside_its_batch_holds_nothing_and_carries_on_after_it_w
     _settled(system, 60)
     system.each_transfer_once(committed)
     assert frozen.process.poll() is None, "the woken relay exited"
-    print(f"frozen for {frozen_for:.0f}s; republished: {fetch(database, 'SELECT sum(republishes) AS n FROM outbox')}")
+    print(f"frozen for {frozen_for:.0f}s; republished: {select(database, 'SELECT sum(republishes) AS n FROM outbox')}")
 
 
 POISON = [
@@ -150,7 +152,7 @@ def test_poison_rows_die_alone_and_the_transfers_beside_them_complete(system: Sy
             committed.add(system.transfer(client, accounts[i % 4], accounts[(i + 1) % 4]))
             if i % 5 == 0:  # interleaved with the transfers' rows, in the same batches
                 task_name, kwargs, _ = POISON[i // 5]
-                fetch(
+                select(
                     database,
                     "INSERT INTO outbox (id, task_name, kwargs) VALUES (gen_random_uuid(), $1, $2::text::jsonb)",
                     task_name,
@@ -161,11 +163,11 @@ def test_poison_rows_die_alone_and_the_transfers_beside_them_complete(system: Sy
         return outbox_states(database) == {"completed": 40 + 8, "dead": 4}  # 8: the funding deposits' rows
 
     wait_until(settled, 60, "transfers completed and poison rows dead", 1)
-    dead = fetch(database, "SELECT task_name, last_error FROM outbox WHERE state = 'dead' ORDER BY created_at")
+    dead = select(database, "SELECT task_name, last_error FROM outbox WHERE state = 'dead' ORDER BY created_at")
     assert [(r["task_name"], reason in r["last_error"]) for r, (_, _, reason) in zip(dead, POISON, strict=True)] == [
         (task_name, True) for task_name, _, _ in POISON
     ]
-    rows = fetch(database, "SELECT state FROM outbox WHERE transaction_id IS NOT NULL")
+    rows = select(database, "SELECT state FROM outbox WHERE transaction_id IS NOT NULL")
     assert {r["state"] for r in rows} == {"completed"}
     time.sleep(2)  # several more polls: a reconnect loop would show by now
     assert "reconnecting" not in system.processes["relay"].log()

@@ -8,17 +8,17 @@ from functools import partial
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from devservers.embedded import free_port
-from tests.e2e.queries import all_completed, fetch
-from tests.e2e.system import System, wait_until
-from tests.monitoring import catalog
+from tests.support.database import select
+from tests.support.metrics import Samples, scrape, scrape_families, total
+from tests.support.monitoring import catalog
+from tests.support.outbox import all_completed
+from tests.support.system import System
+from tests.support.waiting import wait_until
 
 RELAY_PORT, WORKER_PORT = free_port(), free_port()
 TRANSFERS = 6
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
@@ -30,23 +30,6 @@ def system_env() -> dict[str, str]:
     }
 
 
-def scrape(port: int) -> tuple[set[str], Samples]:
-    """The metric families (by their catalog name) and every sample the port serves."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    families, samples = set(), {}
-    for family in text_string_to_metric_families(text):
-        families.add(family.name + ("_total" if family.type == "counter" else ""))
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return families, samples
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(value for (sample, found), value in samples.items() if sample == name and wanted <= found)
-
-
 def test_relay_and_worker_metrics_follow_a_run_and_the_broker(system: System) -> None:
     for job, port in (("relay", RELAY_PORT), ("worker", WORKER_PORT)):
         wait_until(partial(_answers, port), 30, f"{job} /metrics")
@@ -54,15 +37,15 @@ def test_relay_and_worker_metrics_follow_a_run_and_the_broker(system: System) ->
     with system.holder() as client:
         for _ in range(TRANSFERS):
             system.transfer(client, source, target)
-        during = scrape(RELAY_PORT)[0] | scrape(WORKER_PORT)[0]  # scraped while the tasks run
+        during = scrape_families(RELAY_PORT)[0] | scrape_families(WORKER_PORT)[0]  # scraped while the tasks run
     wait_until(lambda: all_completed(system.database_url), 30, "every row completed")
-    rows = fetch(system.database_url, "SELECT task_name, count(*) AS n FROM outbox GROUP BY task_name")
+    rows = select(system.database_url, "SELECT task_name, count(*) AS n FROM outbox GROUP BY task_name")
     by_task = {r["task_name"]: r["n"] for r in rows}
     count = sum(by_task.values())  # the transfers' rows and the deposits'
 
     expected = {name: metric for name, metric in catalog().items() if metric.job in ("relay", "worker")}
-    relay_families, relay = scrape(RELAY_PORT)
-    worker_families, _ = scrape(WORKER_PORT)
+    relay_families, relay = scrape_families(RELAY_PORT)
+    worker_families, _ = scrape_families(WORKER_PORT)
     assert {n for n, m in expected.items() if m.job == "relay"} <= relay_families
     assert {n for n, m in expected.items() if m.job == "worker"} <= worker_families
     assert set(expected) <= during
@@ -76,15 +59,17 @@ def test_relay_and_worker_metrics_follow_a_run_and_the_broker(system: System) ->
     assert total(relay, "outbox_relay_info") == 1
     # The sampled figures catch up with the run within a sampling interval.
     wait_until(
-        lambda: total(scrape(RELAY_PORT)[1], "outbox_rows", state="completed") == count, 10, "outbox_rows sampled"
+        lambda: total(scrape(RELAY_PORT), "outbox_rows", state="completed") == count,
+        10,
+        "outbox_rows sampled",
     )
-    relay = scrape(RELAY_PORT)[1]
+    relay = scrape(RELAY_PORT)
     assert total(relay, "outbox_rows", state="pending") == total(relay, "outbox_oldest_pending_age_seconds") == 0
     assert total(relay, "outbox_oldest_unfinished_age_seconds") == 0
 
     # The worker's counts catch up as soon as each task's result is stored.
     def worker_done() -> Samples | None:
-        samples = scrape(WORKER_PORT)[1]
+        samples = scrape(WORKER_PORT)
         return samples if total(samples, "outbox_completion_latency_seconds_count") == count else None
 
     worker = wait_until(worker_done, 10, "worker metrics")
@@ -97,10 +82,10 @@ def test_relay_and_worker_metrics_follow_a_run_and_the_broker(system: System) ->
 
     system.redis.stop()
     try:
-        wait_until(lambda: total(scrape(RELAY_PORT)[1], "outbox_broker_up") == 0, 15, "outbox_broker_up == 0")
+        wait_until(lambda: total(scrape(RELAY_PORT), "outbox_broker_up") == 0, 15, "outbox_broker_up == 0")
     finally:
         system.redis.start()
-    wait_until(lambda: total(scrape(RELAY_PORT)[1], "outbox_broker_up") == 1, 20, "outbox_broker_up == 1 again")
+    wait_until(lambda: total(scrape(RELAY_PORT), "outbox_broker_up") == 1, 20, "outbox_broker_up == 1 again")
 
 
 def _answers(port: int) -> bool:

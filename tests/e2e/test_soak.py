@@ -22,8 +22,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.queries import fetch, outbox_states
-from tests.e2e.system import Managed, System, TransferLoad, wait_until
+from tests.support.database import select
+from tests.support.outbox import outbox_states
+from tests.support.system import Managed, System, TransferLoad
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.soak, pytest.mark.e2e]
 
@@ -104,9 +106,9 @@ def test_soak_repeated_outages_freezes_and_kills_under_steady_load(system: Syste
 
     database = system.database_url
     wait_until(lambda: set(outbox_states(database)) == {"completed"}, 180, "every row completed", 2)
-    rows = fetch(database, "SELECT id::text AS id, task_name, transaction_id::text AS tx, republishes FROM outbox")
+    rows = select(database, "SELECT id::text AS id, task_name, transaction_id::text AS tx, republishes FROM outbox")
     assert {r["tx"] for r in rows} == load.committed
-    audit = Counter(r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log"))
+    audit = Counter(r["transaction_id"] for r in select(database, "SELECT transaction_id FROM audit_log"))
     assert audit == dict.fromkeys(load.committed, 1)
     emails = {f"<{r['id']}@outbox-transfers>" for r in rows if r["task_name"] == "send_transaction_email"}
     received = Counter(message["Message-ID"] for message in system.smtp.received())

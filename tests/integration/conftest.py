@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from api.main import create_app
 from core.settings import Settings
 from relay.db import connect
-from tests.api import OPERATOR_HEADERS, bearer, new_client_key
-from tests.relays import PrivateRedis, private_redis
+from tests.support.api import OPERATOR_HEADERS, bearer, new_client_key
+from tests.support.relays import PrivateRedis, private_redis
 
 HttpFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 

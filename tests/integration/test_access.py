@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from api.main import create_app
-from tests.api import bearer, new_client_key, open_account
+from tests.support.api import bearer, new_client_key, open_account
 
 Factory = Callable[[str], Awaitable[httpx.AsyncClient]]
 

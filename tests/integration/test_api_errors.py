@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.api import open_account
+from tests.support.api import open_account
 
 TRANSFER = "/api/v1/transactions/transfer"
 

@@ -16,14 +16,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
 from core.settings import Settings
 from core.telemetry import TraceContextFilter, current_trace_id, current_traceparent
 from devservers.embedded import free_port
-from tests.conftest import ADMIN_KEY
+from tests.support.environment import ADMIN_KEY
+from tests.support.metrics import scrape, value
 
 TRANSFER = "/api/v1/transactions/transfer"
 DEPOSITS = "/api/v1/accounts/{account_id}/deposits"
@@ -31,8 +31,6 @@ OPERATOR = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
@@ -58,21 +56,6 @@ async def serving(app: FastAPI, *, as_client: bool = True) -> AsyncIterator[http
                 assert made.status_code == 201, made.text
                 http.headers["Authorization"] = f"Bearer {made.json()['api_key']}"
             yield http
-
-
-def scrape(port: int) -> Samples:
-    """Every sample the metrics port serves, keyed by (name, labels)."""
-    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
-    response.raise_for_status()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def _account(http: httpx.AsyncClient, balance: str = "100.00") -> str:

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.clients import Clients
 from core.settings import Settings
-from tests.conftest import ROOT, service_env
+from tests.support.environment import ROOT, service_env
 
 pytestmark = pytest.mark.e2e  # runs `python -m api.clients` as a process
 

@@ -18,7 +18,8 @@ from api.main import API_APPLICATION_NAME, create_app
 from core.database import create_engine
 from core.settings import Settings
 from core.unit_of_work import ConnectionUnusable, DriverUnitOfWork
-from tests.api import OPERATOR_HEADERS, bearer, new_client_key
+from tests.support.api import OPERATOR_HEADERS, bearer, new_client_key
+from tests.support.waiting import until
 
 TRANSFER = "/api/v1/transactions/transfer"
 # The API's own sessions in this test's database: never another test's, nor another client's.
@@ -89,8 +90,12 @@ async def _fill_pool(client: httpx.AsyncClient, accounts: tuple[str, str], db: a
 
 async def _terminate(db: asyncpg.Connection, pids: set[int], *, wait: bool) -> None:
     await db.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", list(pids))
-    while wait and await _api_pids(db) & pids:
-        await asyncio.sleep(0.01)
+    if wait:
+        await until(lambda: _gone(db, pids), 10, f"the terminated sessions {sorted(pids)} gone")
+
+
+async def _gone(db: asyncpg.Connection, pids: set[int]) -> bool:
+    return not await _api_pids(db) & pids
 
 
 async def test_connections_dropped_while_idle_are_never_handed_out(

@@ -18,8 +18,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.contract import SEND_TRANSACTION_EMAIL
-from tests.smtp import SmtpSink, smtp_sink
-from tests.workers import RunningWorker, insert_outbox_row, start_worker, worker_env, worker_settings
+from tests.support.outbox import insert_outbox_row
+from tests.support.smtp import SmtpSink, smtp_sink
+from tests.support.waiting import until
+from tests.support.workers import RunningWorker, start_worker, worker_env, worker_settings
 from worker.celery_app import WorkerApp, create_celery_app
 
 pytestmark = pytest.mark.e2e
@@ -72,7 +74,7 @@ async def test_an_email_slower_than_its_lease_and_a_duplicate_delivery_send_one_
         for client, worker in _worker(database_url, redis_url, sink, smtp_timeout=3.5):
             outbox_id = await insert_outbox_row(engine, SEND_TRANSACTION_EMAIL, EMAIL)
             client.send_task(SEND_TRANSACTION_EMAIL, kwargs=EMAIL, task_id=outbox_id)
-            await asyncio.sleep(1)
+            await until(lambda: sink.mails >= 1, 15, "the first delivery's send reaching MAIL")
             client.send_task(SEND_TRANSACTION_EMAIL, kwargs=EMAIL, task_id=outbox_id)
             result = await asyncio.to_thread(AsyncResult(outbox_id, app=client).get, timeout=30)
             await asyncio.to_thread(

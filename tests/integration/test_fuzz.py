@@ -20,7 +20,7 @@ from schemathesis.checks import not_a_server_error
 
 from api.main import create_app
 from core.settings import Settings
-from tests.api import OPERATOR_HEADERS, bearer, open_account
+from tests.support.api import OPERATOR_HEADERS, bearer, open_account
 
 EXAMPLES = 40
 

@@ -15,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
 from core.settings import Settings
-from tests.api import OPERATOR_HEADERS, bearer, new_client_key, open_account
+from tests.support.api import OPERATOR_HEADERS, bearer, new_client_key, open_account
+from tests.support.waiting import until
 
 TRANSFER = "/api/v1/transactions/transfer"
 
@@ -27,16 +28,16 @@ async def _balance(client: httpx.AsyncClient, account: str) -> str:
 
 async def _waiting_for_locks(db: asyncpg.Connection, at_least: int) -> None:
     """Until `at_least` of the API's sessions wait on a lock (bounded)."""
-    for _ in range(200):
+
+    async def waiting() -> bool:
         # `db` holds a transaction open, and pg_stat_activity is a snapshot per transaction.
         await db.execute("SELECT pg_stat_clear_snapshot()")
-        waiting = await db.fetchval(
+        count: int = await db.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
         )
-        if waiting >= at_least:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"fewer than {at_least} requests waited on a lock")
+        return count >= at_least
+
+    await until(waiting, 10, f"{at_least} requests waiting on a lock")
 
 
 @pytest.fixture

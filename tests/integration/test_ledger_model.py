@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
 from core.settings import Settings
-from tests.api import OPERATOR_HEADERS, bearer
-from tests.conftest import TABLES
+from tests.support.api import OPERATOR_HEADERS, bearer
+from tests.support.database import TABLES
 
 T = TypeVar("T")
 CLIENTS = 3

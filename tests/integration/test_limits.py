@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
 from core.settings import Settings
-from tests.api import OPERATOR_HEADERS, bearer, new_client_key, open_account
+from tests.support.api import OPERATOR_HEADERS, bearer, new_client_key, open_account
 
 
 @asynccontextmanager

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from core.models import Base
-from tests.conftest import _admin, _async_url, alembic_config
+from tests.support.database import alembic_config, async_url, run_admin
 
 
 def _diff_and_tables(url: str) -> tuple[list[object], set[str]]:
@@ -35,8 +35,8 @@ def _diff_and_tables(url: str) -> tuple[list[object], set[str]]:
 def test_upgrade_matches_models_and_downgrade_removes_everything(servers: tuple[str, str]) -> None:
     admin = servers[0]
     name = f"migr_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(admin, f'CREATE DATABASE "{name}"'))
-    url = _async_url(make_url(admin).set(database=name).render_as_string(hide_password=False))
+    asyncio.run(run_admin(admin, f'CREATE DATABASE "{name}"'))
+    url = async_url(make_url(admin).set(database=name).render_as_string(hide_password=False))
     try:
         config = alembic_config(url)
         command.upgrade(config, "head")
@@ -50,4 +50,4 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(servers: tuple[
 
         command.upgrade(config, "head")
     finally:
-        asyncio.run(_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(run_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

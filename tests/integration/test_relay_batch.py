@@ -36,9 +36,10 @@ from relay.celery_app import create_celery_app
 from relay.db import connect
 from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, Unsent, create_publisher
 from relay.reconciler import order_margin, reconcile
-from tests.conftest import account_holder, funded_account
-from tests.relays import PrivateRedis, new_queue, queued_messages
-from tests.workers import insert_outbox_row, start_worker, worker_env, worker_settings
+from tests.support.database import account_holder, funded_account
+from tests.support.outbox import insert_outbox_row
+from tests.support.relays import PrivateRedis, new_queue, queued_messages
+from tests.support.workers import start_worker, worker_env, worker_settings
 
 INSERT = "INSERT INTO outbox (id, task_name, kwargs, created_at) VALUES ($1, $2, $3::jsonb, $4)"
 

@@ -8,7 +8,6 @@ worker run both to completion.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import uuid
@@ -22,8 +21,9 @@ from core.outbox.states import OutboxState
 from core.settings import Settings
 from relay.batch import relay_batch
 from relay.publisher import RedisBatchPublisher, SendTaskPublisher, create_publisher
-from tests.relays import PrivateRedis, new_queue
-from tests.workers import start_worker, worker_env, worker_settings
+from tests.support.relays import PrivateRedis, new_queue
+from tests.support.waiting import until
+from tests.support.workers import start_worker, worker_env, worker_settings
 
 # Quotes, a backslash and a newline make Celery's kwargsrepr differ from repr(): the fast path
 # must then fall back to Celery's saferepr and still write the very same header.
@@ -99,12 +99,12 @@ async def test_fast_path_message_equals_send_task_message_and_a_worker_runs_both
 
     config = worker_settings(database_url, broker.url, celery_task_queue=queue)
     with start_worker(worker_env(config), queue=queue):
-        for _ in range(400):
-            rows = await db.fetch("SELECT id, state FROM outbox WHERE id = ANY($1::uuid[])", [fast_id, slow_id])
-            if {r["state"] for r in rows} == {OutboxState.COMPLETED}:
-                break
-            await asyncio.sleep(0.05)
-    assert {r["state"] for r in rows} == {OutboxState.COMPLETED}
+
+        async def both_completed() -> bool:
+            rows = await db.fetch("SELECT state FROM outbox WHERE id = ANY($1::uuid[])", [fast_id, slow_id])
+            return [r["state"] for r in rows] == [OutboxState.COMPLETED] * 2
+
+        await until(both_completed, 20, "both rows completed by the worker")
     audits = await db.fetch("SELECT task_id, data FROM audit_log ORDER BY task_id")
     assert sorted(r["task_id"] for r in audits) == sorted([str(fast_id), str(slow_id)])
     assert all(r["data"] == KWARGS["data"] for r in audits)

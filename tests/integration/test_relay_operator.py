@@ -11,7 +11,7 @@ import pytest
 from core.outbox.states import OutboxState
 from core.settings import Settings
 from devservers.embedded import free_port
-from tests.relays import relay_env, run_relay_command
+from tests.support.relays import relay_env, run_relay_command
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,9 @@ from core.ledger import Ledger, TransferRequest
 from core.outbox import queries
 from core.outbox.states import OutboxState
 from core.settings import Settings
-from tests.conftest import account_holder, funded_account
-from tests.relays import PrivateRedis, RelayProcess, new_queue, queued_messages, relay_env, start_relay
+from tests.support.database import account_holder, funded_account
+from tests.support.relays import PrivateRedis, RelayProcess, new_queue, queued_messages, relay_env, start_relay
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
@@ -46,16 +47,6 @@ async def fill(db: asyncpg.Connection, count: int) -> None:
         "FROM generate_series(1, $1) g",
         count,
     )
-
-
-async def until(check: Callable[[], Awaitable[T]], what: str, within: float = 30.0) -> T:
-    """Poll `check` until it returns something truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not (value := await check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return value
 
 
 def published(db: asyncpg.Connection, at_least: int) -> Callable[[], Awaitable[bool]]:
@@ -99,11 +90,11 @@ async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
 
     # A long idle poll: only the NOTIFY (or the linger after it) can explain a fast pick-up.
     with start_relay(env_for(settings, broker, queue, RELAY_POLL_INTERVAL="30")) as relay:
-        await until(logged(relay, "relay.connected"), what="relay connected")
+        await until(logged(relay, "relay.connected"), 30, "relay connected")
         for _ in range(20):
             await ledger.transfer(TransferRequest(payer, payee, Decimal("1.00")), owner)
             await asyncio.sleep(0.01)
-        await until(published(db, 40), what="40 rows published")
+        await until(published(db, 40), 30, "40 rows published")
         lag = await db.fetchval("SELECT max(extract(epoch FROM published_at - created_at)) FROM outbox")
         relay.signal(signal.SIGTERM)
         assert relay.wait(10) == 0
@@ -121,13 +112,13 @@ async def test_sigkill_mid_batch_then_restart_loses_nothing_and_duplicates_only_
     await fill(db, 20_000)
     env = env_for(settings, broker, queue, RELAY_BATCH_SIZE="1000")
     with start_relay(env) as relay:
-        await until(published(db, 1), what="first batch")
+        await until(published(db, 1), 30, "first batch")
         relay.signal(signal.SIGKILL)
         relay.wait(10)
     published_before_restart = await count_state(db, OutboxState.PUBLISHED)
     assert 0 < published_before_restart < 20_000, "the kill should land mid-backlog"
     with start_relay(env) as relay:
-        await until(published(db, 20_000), what="drained after restart")
+        await until(published(db, 20_000), 30, "drained after restart")
         relay.signal(signal.SIGTERM)
         assert relay.wait(10) == 0
 
@@ -145,7 +136,7 @@ async def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(
 ) -> None:
     await fill(db, 20_000)
     with start_relay(env_for(settings, broker, queue, RELAY_BATCH_SIZE="1000")) as relay:
-        await until(published(db, 1), what="first batch")
+        await until(published(db, 1), 30, "first batch")
         stopped_at = time.monotonic()
         relay.signal(signal.SIGTERM)
         assert relay.wait(10) == 0
@@ -164,7 +155,7 @@ async def test_two_relays_share_a_backlog_each_row_once_and_both_work(
     await fill(db, 20_000)
     env = env_for(settings, broker, queue, RELAY_BATCH_SIZE="200")
     with start_relay(env) as first, start_relay(env) as second:
-        await until(published(db, 20_000), what="drained by two relays")
+        await until(published(db, 20_000), 30, "drained by two relays")
         for relay in (first, second):
             relay.signal(signal.SIGTERM)
         assert (first.wait(10), second.wait(10)) == (0, 0)
@@ -189,11 +180,11 @@ async def test_broker_outage_pauses_publishing_without_counting_then_drains_and_
         RELAY_PUBLISH_TIMEOUT="1",
     )
     with start_relay(env) as relay:
-        await until(logged(relay, "relay.connected"), what="relay connected")
+        await until(logged(relay, "relay.connected"), 30, "relay connected")
         broker.stop()
         try:
             await fill(db, 50)
-            await until(logged(relay, "relay.broker_unreachable"), what="the relay noticed the outage")
+            await until(logged(relay, "relay.broker_unreachable"), 30, "the relay noticed the outage")
             await asyncio.sleep(3)  # about 15 probes at the 0.2 s cap, far past RELAY_MAX_ATTEMPTS
             rows = await db.fetch("SELECT state, attempts, published_at, last_error FROM outbox")
             assert {(r["state"], r["attempts"], r["published_at"], r["last_error"]) for r in rows} == {
@@ -202,7 +193,7 @@ async def test_broker_outage_pauses_publishing_without_counting_then_drains_and_
             assert relay.process.poll() is None  # still running
         finally:
             broker.start()
-        await until(published(db, 50), what="drained after the outage")
+        await until(published(db, 50), 30, "drained after the outage")
 
         # The database drops the relay's connections: it reconnects and goes on.
         await db.execute(
@@ -210,7 +201,7 @@ async def test_broker_outage_pauses_publishing_without_counting_then_drains_and_
             " FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'relay%'"
         )
         await fill(db, 10)
-        await until(published(db, 60), what="published after reconnect")
+        await until(published(db, 60), 30, "published after reconnect")
         relay.signal(signal.SIGTERM)
         assert relay.wait(10) == 0
     counts = Counter(m.task_id for m in queued_messages(broker.client(), queue))
@@ -234,7 +225,7 @@ async def test_reconciler_republishes_a_message_the_broker_keeps_losing_then_giv
             client.delete(queue)  # the broker loses every copy (a flush, a restart without persistence)
             return await db.fetchrow("SELECT id, state, republishes, last_error FROM outbox WHERE state = 'dead'")
 
-        row = await until(lost_for_good, what="dead after re-publishes")
+        row = await until(lost_for_good, 30, "dead after re-publishes")
         relay.signal(signal.SIGTERM)
         assert relay.wait(10) == 0
     assert row is not None
@@ -257,7 +248,7 @@ async def test_a_queued_message_is_not_republished_however_long_it_waits(
     env = env_for(settings, broker, queue, RELAY_COMPLETION_DEADLINE="0.3", RELAY_RECONCILE_INTERVAL="0.1")
     await fill(db, 5)
     with start_relay(env) as relay:
-        await until(published(db, 5), what="published")
+        await until(published(db, 5), 30, "published")
         await asyncio.sleep(3)  # ten deadlines, thirty reconcile passes, and no worker
         relay.signal(signal.SIGTERM)
         assert relay.wait(10) == 0

@@ -14,7 +14,7 @@ from sqlalchemy import make_url
 from api.main import create_app
 from core.outbox import queries
 from core.settings import Settings
-from tests.api import OPERATOR_HEADERS, bearer, new_client_key, open_account
+from tests.support.api import OPERATOR_HEADERS, bearer, new_client_key, open_account
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from relay.batch import relay_batch
 from relay.celery_app import create_celery_app as create_relay_app
 from relay.publisher import RedisBatchPublisher
 from relay.tracing import CREATED_AT_HEADER, TRACEPARENT_HEADER, PublishTracer
-from tests.conftest import ADMIN_KEY
-from tests.relays import queued_messages
-from tests.workers import worker_settings
+from tests.support.environment import ADMIN_KEY
+from tests.support.relays import queued_messages
+from tests.support.workers import worker_settings
 from worker.celery_app import WorkerApp, create_celery_app
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

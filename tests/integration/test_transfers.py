@@ -8,7 +8,6 @@ import random
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 import httpx
 import pytest
@@ -21,20 +20,10 @@ from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.errors import InsufficientFunds
 from core.ledger import TransferRequest
 from core.settings import Settings
-from tests.api import OPERATOR_HEADERS, bearer, open_account
-from tests.conftest import ADMIN_KEY, account_holder, funded_account, make_ledger
-
-
-async def _outbox_rows(engine: AsyncEngine, transaction_id: str) -> list[Any]:
-    async with engine.connect() as connection:
-        return list(
-            (
-                await connection.execute(
-                    text("SELECT task_name, kwargs, state FROM outbox WHERE transaction_id = :id ORDER BY task_name"),
-                    {"id": transaction_id},
-                )
-            ).all()
-        )
+from tests.support.api import OPERATOR_HEADERS, bearer, open_account
+from tests.support.database import account_holder, funded_account, make_ledger
+from tests.support.environment import ADMIN_KEY
+from tests.support.outbox import outbox_rows
 
 
 async def test_transfer_writes_its_outbox_rows_in_the_same_commit(
@@ -54,7 +43,7 @@ async def test_transfer_writes_its_outbox_rows_in_the_same_commit(
     assert transfer["kind"] == "transfer"
     assert (await client.get(f"/api/v1/accounts/{source}")).json()["balance"] == "37.50"
     assert (await client.get(f"/api/v1/accounts/{target}")).json()["balance"] == "12.50"
-    rows = await _outbox_rows(engine, transfer["id"])
+    rows = await outbox_rows(engine, "transaction_id = $1::uuid", transfer["id"])
     assert [row.task_name for row in rows] == [AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL]
     audit, email = rows[0].kwargs, rows[1].kwargs
     assert email == {"email": "ann@example.com", "amount": "12.50", "status": "SUCCESS"}
@@ -85,7 +74,7 @@ async def test_a_deposit_is_a_transaction_with_its_own_outbox_rows(
     assert deposit["from_account_id"] is None
     assert deposit["to_account_id"] == account
     assert deposit["amount"] == "20.00"
-    rows = await _outbox_rows(engine, deposit["id"])
+    rows = await outbox_rows(engine, "transaction_id = $1::uuid", deposit["id"])
     assert [row.task_name for row in rows] == [AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL]
     assert rows[1].kwargs == {"email": "dee@example.com", "amount": "20.00", "status": "SUCCESS"}
     assert rows[0].kwargs["data"]["kind"] == "deposit"

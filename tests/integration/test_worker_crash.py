@@ -14,7 +14,6 @@ nothing another test (or session) left unacknowledged.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from contextlib import ExitStack
 from typing import Any
@@ -25,9 +24,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
-from tests.servers import redis_server
-from tests.smtp import smtp_sink
-from tests.workers import insert_outbox_row, start_worker, worker_env, worker_settings
+from tests.support.outbox import insert_outbox_row
+from tests.support.servers import redis_server
+from tests.support.smtp import smtp_sink
+from tests.support.waiting import wait_until
+from tests.support.workers import start_worker, worker_env, worker_settings
 from worker.celery_app import create_celery_app
 
 pytestmark = pytest.mark.e2e  # starts the worker as a process
@@ -66,7 +67,7 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_ur
             client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=audit_id)
             await asyncio.to_thread(worker_a.wait_for_log, f"transaction_id={audit['transaction_id']}")
             await asyncio.to_thread(
-                _wait_for, lambda: sink.started >= 1, "worker A's email send reached the SMTP server"
+                wait_until, lambda: sink.started >= 1, 10, "worker A's email send reached the SMTP server"
             )
             worker_a.kill()  # SIGKILL: no acknowledgement, no clean-up
             worker_a.process.wait(timeout=5)
@@ -92,10 +93,3 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_ur
         engine, "SELECT state FROM outbox WHERE id IN (CAST(:a AS uuid), CAST(:b AS uuid))", a=email_id, b=audit_id
     )
     assert [row.state for row in states] == ["completed", "completed"]
-
-
-def _wait_for(condition: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
-        time.sleep(0.05)

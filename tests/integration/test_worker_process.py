@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,8 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.settings import Settings
-from tests.smtp import SmtpSink, smtp_sink
-from tests.workers import RunningWorker, insert_outbox_row, start_worker, worker_env, worker_settings
+from tests.support.outbox import insert_outbox_row
+from tests.support.smtp import SmtpSink, smtp_sink
+from tests.support.waiting import until
+from tests.support.workers import RunningWorker, start_worker, worker_env, worker_settings
 from worker.celery_app import WorkerApp, create_celery_app
 from worker.errors import InvalidTaskArguments
 
@@ -70,13 +71,6 @@ def client(worker_config: Settings) -> Iterator[WorkerApp]:
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
     async with engine.connect() as connection:
         return (await connection.execute(text(sql), params)).scalar()
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], *, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"condition not met within {within}s"
-        await asyncio.sleep(0.1)
 
 
 async def result_of(client: WorkerApp, task_id: str, within: float = 20.0) -> Any:
@@ -156,7 +150,7 @@ async def test_bad_arguments_fail_visibly_and_mark_the_row_failed(
         state = await scalar(engine, "SELECT state FROM outbox WHERE id = CAST(:id AS uuid)", id=outbox_id)
         return bool(state == "failed")
 
-    await wait_until(row_failed)
+    await until(row_failed, 20, "the outbox row marked failed")
     error = await scalar(engine, "SELECT last_error FROM outbox WHERE id = CAST(:id AS uuid)", id=outbox_id)
     assert "InvalidTaskArguments" in error
     assert "email" in error

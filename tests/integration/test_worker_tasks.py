@@ -31,8 +31,9 @@ from sqlalchemy.pool import NullPool
 
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL, TransferFacts, transfer_messages
 from core.settings import Settings
-from tests.smtp import smtp_sink
-from tests.workers import worker_settings
+from tests.support.outbox import OutboxRecord, insert_outbox_row, outbox_rows_now
+from tests.support.smtp import smtp_sink
+from tests.support.workers import worker_settings
 from worker.celery_app import WorkerApp, create_celery_app
 from worker.effects import claim_email_lease, record_email_sent, release_email_lease
 from worker.errors import DeliveryUncertain, InvalidTaskArguments, PermanentDeliveryError, SendDeadlineExceeded
@@ -69,24 +70,14 @@ def query(app: WorkerApp, sql: str, **params: Any) -> list[Any]:
     return asyncio.run(run())
 
 
-def insert_outbox_row(app: WorkerApp, task_name: str, kwargs: dict[str, Any], state: str = "published") -> str:
-    outbox_id = str(uuid.uuid4())
-    query(
-        app,
-        "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
-        "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), :state, now()) RETURNING id",
-        id=outbox_id,
-        name=task_name,
-        kwargs=json.dumps(kwargs),
-        state=state,
-    )
-    return outbox_id
+def insert_row(app: WorkerApp, task_name: str, kwargs: dict[str, Any]) -> str:
+    """A published outbox row in the app's database; its id is the task id."""
+    return asyncio.run(insert_outbox_row(app.context.settings.async_database_url, task_name, kwargs))
 
 
-def outbox_row(app: WorkerApp, outbox_id: str) -> Any:
-    return query(app, "SELECT state, last_error, completed_at FROM outbox WHERE id = CAST(:id AS uuid)", id=outbox_id)[
-        0
-    ]
+def outbox_row(app: WorkerApp, outbox_id: str) -> OutboxRecord:
+    (row,) = outbox_rows_now(app.context.settings.async_database_url, "id = $1::uuid", outbox_id)
+    return row
 
 
 def _accepted_by_the_api(email: str) -> bool:
@@ -125,7 +116,7 @@ def test_email_task_logs_its_inputs_but_not_the_address_at_info_and_returns_its_
     app: WorkerApp, caplog: pytest.LogCaptureFixture, email: str, amount: str, status: str
 ) -> None:
     caplog.set_level(logging.INFO, logger=TASK_LOGGER)
-    outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {"email": email, "amount": amount, "status": status})
+    outbox_id = insert_row(app, SEND_TRANSACTION_EMAIL, {"email": email, "amount": amount, "status": status})
     outcome = app.tasks[SEND_TRANSACTION_EMAIL].apply(
         kwargs={"email": email, "amount": amount, "status": status}, task_id=outbox_id
     )
@@ -146,7 +137,7 @@ def test_audit_task_logs_its_inputs_and_returns_its_own_id(
     app: WorkerApp, caplog: pytest.LogCaptureFixture, transaction_id: str, data: dict[str, Any]
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=TASK_LOGGER)
-    outbox_id = insert_outbox_row(app, AUDIT_LOG_TRANSACTION, {"transaction_id": transaction_id, "data": data})
+    outbox_id = insert_row(app, AUDIT_LOG_TRANSACTION, {"transaction_id": transaction_id, "data": data})
     outcome = app.tasks[AUDIT_LOG_TRANSACTION].apply(
         kwargs={"transaction_id": transaction_id, "data": data}, task_id=outbox_id
     )
@@ -210,14 +201,14 @@ def test_bad_arguments_fail_at_once_and_mark_the_row_failed(
 ) -> None:
     caplog.set_level(logging.INFO, logger=TASK_LOGGER)
     task_name, kwargs = case
-    outbox_id = insert_outbox_row(app, task_name, {"as": "published"})
+    outbox_id = insert_row(app, task_name, {"as": "published"})
     outcome = app.tasks[task_name].apply(kwargs=kwargs, task_id=outbox_id)
     assert outcome.status == "FAILURE"
     assert isinstance(outcome.result, InvalidTaskArguments)
     assert not [r for r in _our_records(caplog, outbox_id) if "retry" in r.getMessage()]
     row = outbox_row(app, outbox_id)
     assert row.state == "failed"
-    assert row.last_error.startswith("InvalidTaskArguments: invalid arguments")
+    assert str(row.last_error).startswith("InvalidTaskArguments: invalid arguments")
 
 
 def test_positional_arguments_are_refused(app: WorkerApp) -> None:
@@ -246,7 +237,7 @@ def test_every_outbox_payload_is_json_and_accepted_by_its_task(
 
 
 def test_a_second_delivery_of_an_audit_writes_nothing_and_returns_the_same_result(app: WorkerApp) -> None:
-    outbox_id = insert_outbox_row(app, AUDIT_LOG_TRANSACTION, {})
+    outbox_id = insert_row(app, AUDIT_LOG_TRANSACTION, {})
     kwargs = {"transaction_id": "t-dup", "data": {"n": 1}}
     first = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
     second = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
@@ -290,7 +281,7 @@ def test_an_unreachable_database_is_retried_then_fails_visibly(
 def test_an_unreachable_mail_server_is_retried_then_marks_the_row_failed(
     app: WorkerApp, database_url: str, redis_url: str
 ) -> None:
-    outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {})
+    outbox_id = insert_row(app, SEND_TRANSACTION_EMAIL, {})
     with smtp_sink() as sink:
         closed_port = sink.port
     settings = worker_settings(database_url, redis_url, smtp_host="127.0.0.1", smtp_port=closed_port)
@@ -303,14 +294,14 @@ def test_an_unreachable_mail_server_is_retried_then_marks_the_row_failed(
     assert isinstance(outcome.result, ConnectionRefusedError)
     row = outbox_row(app, outbox_id)
     assert row.state == "failed"
-    assert "ConnectionRefusedError" in row.last_error
+    assert "ConnectionRefusedError" in str(row.last_error)
     # Each failed attempt gave its lease back, so a retry never waits for its own lease.
     lease = query(app, "SELECT state, lease_until <= now() AS free FROM task_runs WHERE task_id = :id", id=outbox_id)
     assert [(r.state, r.free) for r in lease] == [("running", True)]
 
 
 def test_a_refused_email_fails_without_retry(app: WorkerApp, database_url: str, redis_url: str) -> None:
-    outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {})
+    outbox_id = insert_row(app, SEND_TRANSACTION_EMAIL, {})
     with smtp_sink(reply="550 5.1.1 mailbox unavailable") as sink:
         settings = worker_settings(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port)
         for refusing in _build_app(settings):
@@ -414,7 +405,7 @@ def test_a_send_that_breaks_after_its_data_is_in_doubt(database_url: str, redis_
 def test_a_duplicate_audit_returns_before_the_audit_systems_latency(
     app: WorkerApp, database_url: str, redis_url: str
 ) -> None:
-    outbox_id = insert_outbox_row(app, AUDIT_LOG_TRANSACTION, {})
+    outbox_id = insert_row(app, AUDIT_LOG_TRANSACTION, {})
     kwargs = {"transaction_id": "t-before-delay", "data": {"n": 1}}
     first = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
     row = query(
@@ -450,7 +441,7 @@ def test_an_email_is_recorded_as_sent_while_a_relay_holds_its_outbox_row(databas
     with smtp_sink() as sink:
         settings = worker_settings(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port)
         for app in _build_app(settings):
-            outbox_id = insert_outbox_row(app, SEND_TRANSACTION_EMAIL, {})
+            outbox_id = insert_row(app, SEND_TRANSACTION_EMAIL, {})
             holder = threading.Thread(target=asyncio.run, args=(_hold_row(database_url, outbox_id, held, release),))
             holder.start()
             try:

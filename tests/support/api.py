@@ -6,7 +6,7 @@ import uuid
 
 import httpx
 
-from tests.conftest import ADMIN_KEY
+from tests.support.environment import ADMIN_KEY
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.e2e.system import System
+from tests.support.system import System
 
 
 @dataclass(frozen=True)

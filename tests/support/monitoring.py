@@ -8,13 +8,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.environment import ROOT
+
 MONITORING = ROOT / "monitoring"
 CATALOG = MONITORING / "metrics.yml"
 ALERTS = MONITORING / "prometheus" / "alerts.yml"

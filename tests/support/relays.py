@@ -18,8 +18,7 @@ import redis
 
 from core.settings import Settings
 from devservers.embedded import free_port, start_redis
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.environment import ROOT, service_env
 
 # Short intervals so the relay tests run in seconds.
 FAST_RELAY_ENV = {
@@ -85,8 +84,6 @@ class RelayProcess:
 
 def relay_env(settings: Settings, broker_url: str, queue: str, **extra: str) -> dict[str, str]:
     """The environment for `python -m relay` on the test database, a broker and a queue."""
-    from tests.conftest import service_env
-
     return service_env(settings, CELERY_BROKER_URL=broker_url, CELERY_TASK_QUEUE=queue, **{**FAST_RELAY_ENV, **extra})
 
 

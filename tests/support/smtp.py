@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +12,11 @@ from email.message import Message
 from typing import Any
 
 from aiosmtpd.controller import Controller
+
+from devservers.embedded import free_port
+from tests.support.waiting import wait_until
+
+_BIND_ATTEMPTS = 5
 
 
 @dataclass
@@ -42,11 +45,7 @@ class SmtpSink:
             return [m for m in self.messages if message_id is None or m["Message-ID"] == message_id]
 
     def wait_for(self, count: int, *, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {count} emails within {timeout}s, got {self.count}")
-            time.sleep(0.05)
+        wait_until(lambda: self.count >= count, timeout, f"{count} emails (got {self.count})")
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, mail_options: Any) -> str:
         with self._lock:
@@ -82,13 +81,6 @@ class SmtpSink:
         return self.reply
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def smtp_sink(
     *,
@@ -106,9 +98,15 @@ def smtp_sink(
     slow at every step, each step within the client's timeout); `refuse_first` answers the first
     messages with a temporary refusal (451).
     """
-    sink = SmtpSink("127.0.0.1", _free_port(), reply_delay, reply, step_delay, slow_sessions, refuse_first)
-    controller = Controller(sink, hostname=sink.host, port=sink.port)
-    controller.start()
+    for attempt in range(_BIND_ATTEMPTS):
+        sink = SmtpSink("127.0.0.1", free_port(), reply_delay, reply, step_delay, slow_sessions, refuse_first)
+        controller = Controller(sink, hostname=sink.host, port=sink.port)
+        try:
+            controller.start()
+            break
+        except OSError:  # another process took the port between picking and binding it
+            if attempt == _BIND_ATTEMPTS - 1:
+                raise
     try:
         yield sink
     finally:

@@ -7,22 +7,20 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import httpx
 import psutil
 
 from devservers.embedded import free_port
-from tests.relays import PrivateRedis
-from tests.smtp import SmtpSink
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.database import select
+from tests.support.environment import ROOT
+from tests.support.relays import PrivateRedis
+from tests.support.smtp import SmtpSink
+from tests.support.waiting import wait_until
 
 # Short limits and intervals so that faults resolve in seconds, not the production minutes.
 E2E_ENV = {
@@ -121,7 +119,7 @@ class System:
         # would satisfy a connect, while uvicorn would exit with "address already in use".
         listening = f"Uvicorn running on {self.base_url}"
         wait_until(lambda: listening in self.processes["api"].log(), 30, f"the API saying {listening!r}")
-        wait_until(lambda: "ready." in self.processes["worker"].log(), 30, "worker ready")
+        wait_until(lambda: "ready." in self.processes["worker"].log(), 30, "the worker ready")
 
     def kill_worker_process(self) -> None:
         """SIGKILL the Celery worker itself (its keepalive supervisor restarts it)."""
@@ -201,15 +199,13 @@ class System:
         """Every outbox row completed, and each committed transfer (and each deposit that funded the
         accounts) has exactly one audit row and exactly one email (by Message-ID), and nothing
         else has any."""
-        from tests.e2e.queries import fetch
-
         database = self.database_url
-        deposits = {r["id"] for r in fetch(database, "SELECT id::text AS id FROM transactions WHERE kind = 'deposit'")}
+        deposits = {r["id"] for r in select(database, "SELECT id::text AS id FROM transactions WHERE kind = 'deposit'")}
         committed = committed | deposits
-        rows = fetch(database, "SELECT id::text AS id, task_name, state, transaction_id::text AS tx FROM outbox")
+        rows = select(database, "SELECT id::text AS id, task_name, state, transaction_id::text AS tx FROM outbox")
         assert {r["state"] for r in rows} == {"completed"}
         assert {r["tx"] for r in rows} == committed
-        audit = Counter(r["transaction_id"] for r in fetch(database, "SELECT transaction_id FROM audit_log"))
+        audit = Counter(r["transaction_id"] for r in select(database, "SELECT transaction_id FROM audit_log"))
         assert audit == dict.fromkeys(committed, 1), "an audit row is missing or was written twice"
         emails = {f"<{r['id']}@outbox-transfers>" for r in rows if r["task_name"] == "send_transaction_email"}
         received = Counter(message["Message-ID"] for message in self.smtp.received())
@@ -252,14 +248,3 @@ class TransferLoad:
                     index += 1
         except BaseException as error:  # reported by __exit__
             self._error = error
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -16,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+import redis
 
 from core.settings import Settings
+from tests.support.environment import ROOT, service_env
+from tests.support.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
 
 
@@ -47,14 +46,17 @@ class RunningWorker:
             os.killpg(self.process.pid, sig)
 
     def wait_for_log(self, text: str, *, timeout: float = 30.0, count: int = 1) -> None:
-        """Wait until `text` occurs `count` times in the log. Raises AssertionError with the log."""
-        deadline = time.monotonic() + timeout
-        while self.log().count(text) < count:
+        """Wait until `text` occurs `count` times in the log. Raises AssertionError with the log's end."""
+
+        def seen() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not seen {count}x in {timeout}s:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
+            return self.log().count(text) >= count
+
+        try:
+            wait_until(seen, timeout, f"{text!r} {count}x in the worker's log")
+        except AssertionError as error:
+            raise AssertionError(f"{error}:\n{self.log()[-4000:]}") from None
 
 
 @contextmanager
@@ -67,7 +69,7 @@ def start_worker(
     ready_timeout: float = 30.0,
     log_dir: Path | None = None,
 ) -> Iterator[RunningWorker]:
-    """Start a real worker consuming `queue` with `env` (see tests.conftest.service_env).
+    """Start a real worker consuming `queue` with `env` (see tests.support.environment.service_env).
 
     Yields once the worker logs that it is ready; on exit, stops it (SIGTERM, then SIGKILL
     after 5 s) whatever happened. Mingle and gossip are off: they only slow start-up.
@@ -134,8 +136,6 @@ def worker_settings(database_url: str, redis_url: str, **overrides: Any) -> Sett
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment for a worker that uses `settings`: servers, delays, limits and SMTP."""
-    from tests.conftest import service_env
-
     env = service_env(
         settings,
         CELERY_TASK_QUEUE=settings.celery_task_queue,
@@ -154,15 +154,11 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-async def insert_outbox_row(engine: AsyncEngine, task_name: str, kwargs: dict[str, Any]) -> str:
-    """A published outbox row for a task a test sends by hand; returns its id (the task id)."""
-    outbox_id = str(uuid.uuid4())
-    async with engine.begin() as connection:
-        await connection.execute(
-            text(
-                "INSERT INTO outbox (id, task_name, kwargs, state, published_at) "
-                "VALUES (CAST(:id AS uuid), :name, CAST(:kwargs AS jsonb), 'published', now())"
-            ),
-            {"id": outbox_id, "name": task_name, "kwargs": json.dumps(kwargs)},
-        )
-    return outbox_id
+def task_result(redis_url: str, task_id: str) -> dict[str, Any] | None:
+    """The result Celery stored for `task_id` in the Redis result backend, or None."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.get(f"celery-task-meta-{task_id}")
+    finally:
+        client.close()
+    return json.loads(raw) if raw else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.monitoring import (
+from tests.support.monitoring import (
     ALERT_TESTS,
     ALERTS,
     PROMETHEUS_CONFIG,

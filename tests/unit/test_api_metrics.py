@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 from api.main import create_app
 from api.metrics import HTTP_BUCKETS, ApiMetrics
 from core.settings import Settings
-from tests.monitoring import catalog
+from tests.support.monitoring import catalog
 
 STANDARD = ("process_", "python_")
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from core.settings import Settings
-from tests.monitoring import alert_rules, catalog
+from tests.support.monitoring import alert_rules, catalog
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
