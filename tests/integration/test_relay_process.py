@@ -23,6 +23,7 @@ from core.ledger import Ledger, TransferRequest
 from core.outbox import queries
 from core.outbox.states import OutboxState
 from core.settings import Settings
+from relay.db import connect
 from tests.support.database import account_holder, funded_account
 from tests.support.relays import PrivateRedis, RelayProcess, new_queue, queued_messages, relay_env, start_relay
 from tests.support.waiting import until
@@ -109,14 +110,31 @@ async def test_relay_wakes_on_commit_and_publishes_each_transfer_row_once(
 async def test_sigkill_mid_batch_then_restart_loses_nothing_and_duplicates_only_in_flight_rows(
     settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
 ) -> None:
+    """The kill lands inside a batch by construction, not by speed: half the backlog is locked
+    (SKIP LOCKED passes it by) until the other half is out, then the broker is frozen, the
+    locks released, and the relay killed once it holds a claimed batch it cannot publish."""
     await fill(db, 20_000)
-    env = env_for(settings, broker, queue, RELAY_BATCH_SIZE="1000")
-    with start_relay(env) as relay:
-        await until(published(db, 1), 30, "first batch")
-        relay.signal(signal.SIGKILL)
-        relay.wait(10)
-    published_before_restart = await count_state(db, OutboxState.PUBLISHED)
-    assert 0 < published_before_restart < 20_000, "the kill should land mid-backlog"
+    env = env_for(settings, broker, queue, RELAY_BATCH_SIZE="1000", RELAY_PUBLISH_TIMEOUT="60")
+    locker = await connect(settings, "test-locker")
+    try:
+        held = locker.transaction()
+        await held.start()
+        await locker.execute("SELECT id FROM outbox ORDER BY id LIMIT 10000 FOR UPDATE")
+        with start_relay(env) as relay:
+            await until(published(db, 10_000), 30, "the unlocked half published")
+            assert broker.process is not None
+            broker.process.send_signal(signal.SIGSTOP)  # the broker stops answering, mid-conversation
+            try:
+                await held.rollback()
+                await until(relay_inside_a_batch(db), 30, "a relay session holding a claimed batch")
+                relay.signal(signal.SIGKILL)
+                relay.wait(10)
+            finally:
+                broker.process.send_signal(signal.SIGCONT)
+    finally:
+        await locker.close()
+    # The batch in hand when the relay died rolled back: its rows are pending again.
+    assert await count_state(db, OutboxState.PUBLISHED) == 10_000
     with start_relay(env) as relay:
         await until(published(db, 20_000), 30, "drained after restart")
         relay.signal(signal.SIGTERM)
@@ -129,6 +147,19 @@ async def test_sigkill_mid_batch_then_restart_loses_nothing_and_duplicates_only_
     assert all(counts[task_id] == 2 for task_id in duplicates)
     # Only the batches in flight when the process died (2 lanes x 1000 rows) can repeat.
     assert len(duplicates) <= 2 * 1000
+
+
+def relay_inside_a_batch(db: asyncpg.Connection) -> Callable[[], Awaitable[bool]]:
+    """A relay session of this database idle inside its transaction: it claimed rows and waits on the broker."""
+
+    async def check() -> bool:
+        waiting: int = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'relay%' AND state = 'idle in transaction'"
+        )
+        return waiting > 0
+
+    return check
 
 
 async def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(
