@@ -218,13 +218,18 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
         # A duplicate delivery is sending right now. Come back when its lease runs out: by then
         # it has recorded the email (we return its result) or died (we take over).
         raise task.wait_for_lease(claim.retry_in)
-    message = build_message(
-        settings, task_id=task_id, email=arguments.email, amount=arguments.amount, status=arguments.status
+    compose = partial(
+        build_message,
+        settings,
+        task_id=task_id,
+        email=arguments.email,
+        amount=arguments.amount,
+        status=arguments.status,
     )
     try:
         # The whole send ends by the soft limit, before the lease (the hard limit) runs out, which
         # leaves the rest of the lease to record it.
-        send_email(settings, message, deadline=started + settings.celery_task_soft_time_limit)
+        send_email(settings, compose, deadline=started + settings.celery_task_soft_time_limit)
     except Exception as error:
         _release_lease(task, claim.token, maybe_sent=isinstance(error, DeliveryUncertain))
         if is_permanent_smtp_error(error):
