@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -36,7 +35,8 @@ import pytest
 
 from core.settings import Settings
 from devservers.embedded import free_port
-from tests.conftest import ADMIN_KEY, service_env
+from tests.support.environment import ADMIN_KEY, service_env
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -52,16 +52,6 @@ EMBEDDED_RUN = (
     "sys.exit(run.main(sys.argv[2:]))"
 )
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll condition until it is truthy; fail saying `what` did not happen within timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
-    return result
 
 
 def alive(process: psutil.Process) -> bool:
@@ -248,9 +238,9 @@ def test_ctrl_c_stops_the_embedded_servers_too(database_url: str, redis_url: str
         assert "Redis (broker): embedded" in run.log(), run.log()
         run.record_processes()
         pid_file = data / "redis" / "redis.pid"
-        redis = wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 10, "redis.pid")
+        redis_pid = wait_until(lambda: pid_file.read_text().strip() if pid_file.exists() else None, 10, "redis.pid")
         postgres = postmaster(data / "postgres")
-        servers = [psutil.Process(int(redis)), postgres, *postgres.children(recursive=True)]
+        servers = [psutil.Process(int(redis_pid)), postgres, *postgres.children(recursive=True)]
         assert alive(servers[0]), "the embedded Redis is not running"
         assert "redis" in servers[0].name()
         assert alive(postgres), "the embedded PostgreSQL is not running"
