@@ -162,14 +162,16 @@ def relay_inside_a_batch(db: asyncpg.Connection) -> Callable[[], Awaitable[bool]
     return check
 
 
-async def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(
-    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+# README, The relay: "It runs until SIGTERM or SIGINT, then finishes the batch in hand, commits and exits 0."
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_finishes_the_batch_in_hand_and_exits_zero(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str, stop_signal: signal.Signals
 ) -> None:
     await fill(db, 20_000)
     with start_relay(env_for(settings, broker, queue, RELAY_BATCH_SIZE="1000")) as relay:
         await until(published(db, 1), 30, "first batch")
         stopped_at = time.monotonic()
-        relay.signal(signal.SIGTERM)
+        relay.signal(stop_signal)
         assert relay.wait(10) == 0
         assert time.monotonic() - stopped_at < 5
     marked = {str(r["id"]) for r in await db.fetch("SELECT id FROM outbox WHERE state = 'published'")}
