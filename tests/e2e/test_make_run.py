@@ -35,12 +35,11 @@ import pytest
 
 from core.settings import Settings
 from devservers.embedded import free_port
-from tests.support.environment import ADMIN_KEY, service_env
+from tests.support.environment import ADMIN_KEY, ROOT, service_env
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 READY_WITHIN = 90.0  # run.py's own READY_TIMEOUT: migrations, then three processes importing the service
 # honcho SIGKILLs what is still running 5 s after the first process stopped; a clean stop is well inside that.
 STOPPED_WITHIN = 20.0
