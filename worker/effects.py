@@ -6,10 +6,11 @@ The task id is the outbox row's id. `task_runs` records, per task id, that its e
 its own statements; the statements are core.outbox.queries'.
 
 The record of an effect never waits on the outbox row: a relay may hold that row's lock (for
-milliseconds while it commits a batch, or until PostgreSQL ends a frozen relay's session), so
-the effect and its task_runs record commit on their own, and completing the row is a separate
-statement the task retries and, if it still cannot, leaves to the next delivery or the
-reconciler (which completes a published row whose task recorded its effect).
+milliseconds while it commits a batch, or until PostgreSQL ends a frozen relay's session). The
+statement that records an effect completes the row too, unless the row is locked (SKIP LOCKED);
+then the task completes it in a statement of its own, retried and, if it still cannot, left to
+the next delivery or the reconciler (which completes a published row whose task recorded its
+effect).
 """
 
 from __future__ import annotations
@@ -92,35 +93,24 @@ async def complete_outbox(pool: asyncpg.Pool, *, task_id: str) -> None:
 async def write_audit_once(
     pool: asyncpg.Pool, *, task_id: str, transaction_id: str, data: dict[str, Any], result: dict[str, Any]
 ) -> tuple[dict[str, Any], bool]:
-    """Write the audit row and record the task as done (one statement), then complete the outbox row.
+    """Write the audit row, record the task as done and complete the outbox row (one statement).
 
     Returns (result, completed): `result` the first time a task id gets here, and the result
     stored then on every later delivery of the same task id, which writes nothing; `completed`
-    False when completing the row failed (the caller retries that alone: the effect is recorded).
+    False when the outbox row was locked and is not completed yet (the caller completes it alone:
+    the effect is recorded).
     """
     async with pool.acquire() as connection:
-        if not await queries.record_audit_once(
-            connection, task_id, AUDIT_LOG_TRANSACTION, result, transaction_id, data
-        ):
+        written, completed = await queries.record_audit_once(
+            connection, task_id, AUDIT_LOG_TRANSACTION, result, transaction_id, data, outbox_id(task_id)
+        )
+        if not written:
             stored = await queries.stored_run(connection, task_id)
             # Another delivery recorded it done, with its result.
             assert stored is not None
             assert stored.result is not None
             result = stored.result
-        return result, await _complete_quietly(connection, task_id)
-
-
-async def _complete_quietly(connection: queries.Connection, task_id: str) -> bool:
-    """Complete the outbox row after the effect's record committed. False if that failed (a
-    relay holding the row past lock_timeout, the database away): the caller tries again."""
-    row_id = outbox_id(task_id)
-    if row_id is None:
-        return True
-    try:
-        await queries.complete(connection, row_id)
-    except Exception:  # reported by the caller's retries
-        return False
-    return True
+        return result, completed
 
 
 async def claim_email_lease(pool: asyncpg.Pool, *, task_id: str, lease_seconds: float) -> LeaseClaim:
@@ -166,24 +156,40 @@ async def record_email_sent(pool: asyncpg.Pool, *, task_id: str, token: uuid.UUI
 async def finish_email(
     pool: asyncpg.Pool, *, task_id: str, token: uuid.UUID, result: dict[str, Any]
 ) -> tuple[bool, bool]:
-    """Record the email as sent (on its own: never waiting on the outbox row's lock), then
-    complete the outbox row, on one connection. Returns (recorded, completed): `recorded` False,
-    changing nothing, if this delivery's lease was taken over; `completed` False if completing
-    the row failed (the caller retries that alone)."""
+    """Record the email as sent and complete the outbox row unless it is locked (one statement:
+    the record never waits on the row's lock). Returns (recorded, completed): `recorded` False,
+    changing nothing, if this delivery's lease was taken over; `completed` False if the row is not
+    completed yet (the caller completes it alone)."""
     async with pool.acquire() as connection:
-        if not await queries.finish_run(connection, task_id, token, result):
-            return False, False
-        return True, await _complete_quietly(connection, task_id)
+        return await queries.finish_and_complete(connection, task_id, token, result, outbox_id(task_id))
 
 
 async def begin_email(
     pool: asyncpg.Pool, *, task_id: str, lease_seconds: float
 ) -> tuple[dict[str, Any] | None, LeaseClaim | None]:
-    """Record the delivery's start and, unless the email was already sent, ask for its lease:
-    start_delivery then claim_email_lease, on one connection. Returns (stored result, None) for
-    a duplicate of a sent email, else (None, the claim)."""
+    """Record the delivery's start and, unless the email was already sent, ask for its lease (one
+    statement). Returns (stored result, None) for a duplicate of a sent email, else (None, the claim).
+
+    If a relay holds the outbox row's lock past lock_timeout, the start is not recorded and the
+    lease is asked for alone: the delivery goes on either way."""
+    row_id = outbox_id(task_id)
     async with pool.acquire() as connection:
-        stored = await _start(connection, task_id, lease_seconds)
+        if row_id is not None:
+            try:
+                stored, token = await queries.start_and_claim(
+                    connection, row_id, task_id, SEND_TRANSACTION_EMAIL, lease_seconds
+                )
+            except asyncpg.LockNotAvailableError:
+                log.warning("delivery start not recorded: the outbox row is locked", extra={"task_id": task_id})
+            else:
+                if stored is not None and stored.state == RunState.DONE:
+                    return stored.result, None
+                if token is not None:
+                    return None, LeaseClaim(token)
+                if stored is not None:  # another delivery holds a live lease
+                    return None, LeaseClaim(None, retry_in=stored.lease_left)
+                # A duplicate created the record after this statement's snapshot: read it below.
+        stored = await queries.stored_run(connection, task_id)
         if stored is not None and stored.state == RunState.DONE:
             return stored.result, None
         return None, await _claim(connection, task_id, lease_seconds)

@@ -365,8 +365,29 @@ async def record_run_done(connection: Connection, task_id: str, task_name: str, 
     return await connection.fetchval(_RECORD_DONE, task_id, task_name, json.dumps(result)) is not None
 
 
-# The audit row and the task id's record in one statement (atomic, one round trip): the record
-# inserted here is what makes the audit row's INSERT happen at all.
+def _complete_unless_locked(outbox_param: str, *, when: str = "true") -> str:
+    """CTEs that complete the outbox row `outbox_param` (if `when`) within the caller's statement,
+    unless another transaction holds the row's lock: a relay commits its batch in milliseconds, but
+    a frozen relay holds it until PostgreSQL ends its session, and recording an effect must never
+    wait on that. `row_completed` (see _ROW_COMPLETED) then says whether the caller still has to."""
+    return f"""
+free AS (
+    SELECT id FROM outbox WHERE id = {outbox_param} AND state <> '{S.COMPLETED}' AND ({when})
+    FOR UPDATE SKIP LOCKED
+), completed AS (
+    UPDATE outbox SET state = '{S.COMPLETED}', completed_at = now() FROM free WHERE outbox.id = free.id
+    RETURNING outbox.id
+)"""
+
+
+def _row_completed(outbox_param: str) -> str:
+    """True when the row is completed after the statement: by it, or before it (or there is no row)."""
+    return f"""(EXISTS (SELECT 1 FROM completed)
+    OR NOT EXISTS (SELECT 1 FROM outbox WHERE id = {outbox_param} AND state <> '{S.COMPLETED}')) AS row_completed"""
+
+
+# The audit row, the task id's record and the outbox row's completion in one statement (one round
+# trip): the record inserted here is what makes the audit row's INSERT happen at all.
 _RECORD_AUDIT = f"""
 WITH done AS (
     INSERT INTO task_runs (task_id, task_name, state, result, finished_at)
@@ -375,8 +396,8 @@ WITH done AS (
     RETURNING task_id
 ), written AS (
     INSERT INTO audit_log (task_id, transaction_id, data) SELECT $1, $4, $5::text::jsonb FROM done
-)
-SELECT count(*) FROM done
+), {_complete_unless_locked("$6::uuid")}
+SELECT (SELECT count(*) FROM done) > 0 AS written, {_row_completed("$6::uuid")}
 """
 
 
@@ -387,13 +408,16 @@ async def record_audit_once(
     result: dict[str, Any],
     transaction_id: str,
     data: dict[str, Any],
-) -> bool:
+    outbox_id: UUID | None,
+) -> tuple[bool, bool]:
     """Write the audit row and record the task id's effect as made, unless some delivery recorded
-    it first. One statement, so no transaction is needed. Returns True if this call wrote them."""
-    written = await connection.fetchval(
-        _RECORD_AUDIT, task_id, task_name, json.dumps(result), transaction_id, json.dumps(data)
+    it first, and complete the outbox row unless it is locked. One statement, so no transaction is
+    needed. Returns (written: this call wrote them, row completed: nothing left to complete)."""
+    row = await connection.fetchrow(
+        _RECORD_AUDIT, task_id, task_name, json.dumps(result), transaction_id, json.dumps(data), outbox_id
     )
-    return bool(written)
+    assert row is not None
+    return bool(row["written"]), bool(row["row_completed"])
 
 
 _STORED_RUN = """
@@ -454,18 +478,53 @@ async def extend_delivery(connection: Connection, outbox_id: UUID, seconds: floa
     await connection.execute(_EXTEND_DELIVERY, outbox_id, float(seconds))
 
 
+# start_delivery and claim_lease in one round trip, for the email: `stored` is the record as the
+# statement found it (as start_delivery returns it); `token` is set if this delivery took the lease.
+_START_AND_CLAIM = f"""
+WITH started AS (
+    UPDATE outbox
+    SET delivery_started_at = now(), delivery_lease_until = now() + make_interval(secs => $3),
+        deliveries = deliveries + 1
+    WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}')
+), claimed AS (
+    {{claim}}
+)
+SELECT r.state, r.result::text AS result,
+    GREATEST(EXTRACT(EPOCH FROM r.lease_until - now()), 0)::float8 AS lease_left,
+    (SELECT lease_token FROM claimed) AS token
+FROM (SELECT 1) AS one LEFT JOIN task_runs AS r ON r.task_id = $2
+"""
+
+
+async def start_and_claim(
+    connection: Connection, outbox_id: UUID, task_id: str, task_name: str, lease_seconds: float
+) -> tuple[StoredRun | None, UUID | None]:
+    """start_delivery() then claim_lease() (both for `lease_seconds`), in one statement: the task
+    id's record as it was (None if none), and the lease's token if this delivery took it.
+
+    Waits for the outbox row's lock like start_delivery (asyncpg.LockNotAvailableError: nothing
+    was written, and the caller claims without recording the start)."""
+    row = await connection.fetchrow(_START_AND_CLAIM, outbox_id, task_id, float(lease_seconds), task_name)
+    assert row is not None
+    return (_stored(row) if row["state"] is not None else None), row["token"]
+
+
 # Take the lease if nobody has it, or take over one whose holder outlived it (a crashed worker).
 # Each lease gets a fresh fencing token; only its holder can release or finish it. Taking it also
 # counts a send whose outcome is unknown until the holder finishes or proves nothing was sent.
-_CLAIM_LEASE = f"""
+def _claim_lease_sql(task_id: str, task_name: str, seconds: str) -> str:
+    return f"""
 INSERT INTO task_runs (task_id, task_name, state, lease_until, lease_token, sends_in_doubt)
-VALUES ($1, $2, '{RunState.RUNNING}', now() + make_interval(secs => $3), gen_random_uuid(), 1)
+VALUES ({task_id}, {task_name}, '{RunState.RUNNING}', now() + make_interval(secs => {seconds}), gen_random_uuid(), 1)
 ON CONFLICT (task_id) DO UPDATE
     SET lease_until = EXCLUDED.lease_until, lease_token = EXCLUDED.lease_token, started_at = now(),
         sends_in_doubt = task_runs.sends_in_doubt + 1
     WHERE task_runs.state = '{RunState.RUNNING}' AND task_runs.lease_until < now()
-RETURNING lease_token
-"""
+RETURNING lease_token"""
+
+
+_CLAIM_LEASE = _claim_lease_sql("$1", "$2", "$3")
+_START_AND_CLAIM = _START_AND_CLAIM.replace("{claim}", _claim_lease_sql("$2", "$4", "$3"))
 
 
 async def claim_lease(connection: Connection, task_id: str, task_name: str, seconds: float) -> UUID | None:
@@ -502,6 +561,12 @@ UPDATE task_runs SET state = '{RunState.DONE}', result = $3::text::jsonb, lease_
 WHERE task_id = $1 AND state = '{RunState.RUNNING}' AND lease_token = $2
 RETURNING task_id
 """
+# finish_run, then the outbox row's completion unless it is locked, in one statement.
+_FINISH_AND_COMPLETE = f"""
+WITH finished AS ({_FINISH_RUN.strip()}
+), {_complete_unless_locked("$4::uuid", when="EXISTS (SELECT 1 FROM finished)")}
+SELECT EXISTS (SELECT 1 FROM finished) AS recorded, {_row_completed("$4::uuid")}
+"""
 
 
 async def finish_run(connection: Connection, task_id: str, token: UUID, result: dict[str, Any]) -> bool:
@@ -511,6 +576,16 @@ async def finish_run(connection: Connection, task_id: str, token: UUID, result: 
     taken over by another delivery or the effect was recorded by another delivery.
     """
     return await connection.fetchval(_FINISH_RUN, task_id, token, json.dumps(result)) is not None
+
+
+async def finish_and_complete(
+    connection: Connection, task_id: str, token: UUID, result: dict[str, Any], outbox_id: UUID | None
+) -> tuple[bool, bool]:
+    """finish_run(), then complete the outbox row unless it is locked, in one statement. Returns
+    (recorded: as finish_run, row completed: nothing left to complete; False when not recorded)."""
+    row = await connection.fetchrow(_FINISH_AND_COMPLETE, task_id, token, json.dumps(result), outbox_id)
+    assert row is not None
+    return bool(row["recorded"]), bool(row["recorded"] and row["row_completed"])
 
 
 _COMPLETE = f"""

@@ -97,6 +97,23 @@ async def _start_each(db: asyncpg.Connection, rows: Rows) -> None:
         await queries.start_delivery(db, row_id, str(row_id), 60)
 
 
+async def _start_and_claim_each(db: asyncpg.Connection, rows: Rows) -> None:
+    for row_id in rows.values():
+        await queries.start_and_claim(db, row_id, str(row_id), "send_transaction_email", 60)
+
+
+async def _record_audit_each(db: asyncpg.Connection, rows: Rows) -> None:
+    for row_id in rows.values():
+        await queries.record_audit_once(db, str(row_id), "audit_log_transaction", {}, "t", {}, row_id)
+
+
+async def _finish_each(db: asyncpg.Connection, rows: Rows) -> None:
+    for row_id in rows.values():
+        token = await queries.claim_lease(db, str(row_id), "send_transaction_email", 60)
+        assert token is not None
+        await queries.finish_and_complete(db, str(row_id), token, {}, row_id)
+
+
 async def _extend_each(db: asyncpg.Connection, rows: Rows) -> None:
     await _start_each(db, rows)
     await db.execute("TRUNCATE seen_transitions")
@@ -135,6 +152,9 @@ OPERATIONS: dict[str, tuple[Callable[[asyncpg.Connection, Rows], Awaitable[None]
     "reconcile_published, re-publishes used up": (_reconcile(0), {(S.PUBLISHED, S.DEAD)}),
     "reconcile_published, effect recorded": (_reconcile(5, record_effects=True), {(S.PUBLISHED, S.COMPLETED)}),
     "start_delivery": (_start_each, {(S.PENDING, S.PENDING), (S.PUBLISHED, S.PUBLISHED)}),
+    "start_and_claim": (_start_and_claim_each, {(S.PENDING, S.PENDING), (S.PUBLISHED, S.PUBLISHED)}),
+    "record_audit_once": (_record_audit_each, {(s, S.COMPLETED) for s in ALL_OUTBOX_STATES if s != S.COMPLETED}),
+    "finish_and_complete": (_finish_each, {(s, S.COMPLETED) for s in ALL_OUTBOX_STATES if s != S.COMPLETED}),
     "extend_delivery": (_extend_each, {(S.PENDING, S.PENDING), (S.PUBLISHED, S.PUBLISHED)}),
     "complete": (_complete_each, {(s, S.COMPLETED) for s in ALL_OUTBOX_STATES if s != S.COMPLETED}),
     "fail": (_fail_each, {(S.PENDING, S.FAILED), (S.PUBLISHED, S.FAILED)}),

@@ -459,3 +459,29 @@ def test_an_email_is_recorded_as_sent_while_a_relay_holds_its_outbox_row(databas
             assert again.result == outcome.result
             assert outbox_row(app, outbox_id).state == "completed"
     assert sink.count == 1
+
+
+def test_an_audit_is_recorded_while_a_relay_holds_its_outbox_row(app: WorkerApp, database_url: str) -> None:
+    """The statement that writes the audit row completes the outbox row too, but never waits
+    for the row's lock: the audit commits, and the row is left for a later completion."""
+    held, release = threading.Event(), threading.Event()
+    transaction_id = str(uuid.uuid4())
+    kwargs = {"transaction_id": transaction_id, "data": {"amount": "3.00"}}
+    outbox_id = insert_row(app, AUDIT_LOG_TRANSACTION, kwargs)
+    holder = threading.Thread(target=asyncio.run, args=(_hold_row(database_url, outbox_id, held, release),))
+    holder.start()
+    try:
+        assert held.wait(10)
+        outcome = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)
+        assert outcome.status == "SUCCESS", outcome.traceback
+        audit = query(app, "SELECT data FROM audit_log WHERE task_id = :id", id=outbox_id)
+        assert [r.data for r in audit] == [kwargs["data"]]  # committed while the row was still locked
+        assert outbox_row(app, outbox_id).state == "published"
+    finally:
+        release.set()
+        holder.join(10)
+    again = app.tasks[AUDIT_LOG_TRANSACTION].apply(kwargs=kwargs, task_id=outbox_id)  # a redelivery
+    assert again.result == outcome.result
+    assert outbox_row(app, outbox_id).state == "completed"
+    assert len(query(app, "SELECT 1 FROM audit_log WHERE task_id = :id", id=outbox_id)) == 1
+
