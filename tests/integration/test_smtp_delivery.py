@@ -147,23 +147,33 @@ class Certificate(NamedTuple):
 OPENSSL_SELF_SIGNED = (
     *("openssl", "req", "-x509", "-nodes", "-days", "2", "-subj", "/CN=test mail server"),
     *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-    *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
 )
 
 
-def _self_signed(directory: Path) -> Certificate:
-    """A certificate for 127.0.0.1, signed by itself: trusted only by whoever is told to trust it."""
+def _self_signed(directory: Path, names: str = "IP:127.0.0.1,DNS:localhost") -> Certificate:
+    """A certificate for `names` (the server's, by default), signed by itself: trusted only by
+    whoever is told to trust it."""
     directory.mkdir()
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run([*OPENSSL_SELF_SIGNED, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    command = [*OPENSSL_SELF_SIGNED, "-addext", f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True)
     return Certificate(cert, key)
 
 
+class Certificates(NamedTuple):
+    server: Certificate  # the mail server's, for 127.0.0.1
+    other: Certificate  # another one for 127.0.0.1
+    elsewhere: Certificate  # one for another host's name
+
+
 @pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Certificate, Certificate]:
-    """The mail server's certificate, and another one that is not the mail server's."""
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     root = tmp_path_factory.mktemp("certificates")
-    return _self_signed(root / "server"), _self_signed(root / "other")
+    return Certificates(
+        _self_signed(root / "server"),
+        _self_signed(root / "other"),
+        _self_signed(root / "elsewhere", "DNS:mail.example"),
+    )
 
 
 def _tls_context(certificate: Certificate) -> ssl.SSLContext:
@@ -297,11 +307,11 @@ async def test_a_wrong_password_fails_at_once_without_retry(
 
 
 async def test_starttls_upgrades_the_session_before_login_and_mail(
-    database_url: str, redis_url: str, engine: AsyncEngine, certificates: tuple[Certificate, Certificate]
+    database_url: str, redis_url: str, engine: AsyncEngine, certificates: Certificates
 ) -> None:
     # require_starttls: nothing but EHLO, NOOP and STARTTLS before TLS. auth_require_tls (the
     # default): no login in clear either. The worker trusts the server's certificate (SSL_CERT_FILE).
-    served, _ = certificates
+    served = certificates.server
     server = RecordingServer()
     with serving(
         server,
@@ -319,16 +329,22 @@ async def test_starttls_upgrades_the_session_before_login_and_mail(
     assert len(server.messages) == 1
 
 
-async def test_starttls_refuses_a_certificate_the_worker_does_not_trust(
-    database_url: str, redis_url: str, engine: AsyncEngine, certificates: tuple[Certificate, Certificate]
+@pytest.mark.parametrize(
+    ("served", "trusted"),
+    [
+        pytest.param("server", "other", id="a certificate the worker does not trust"),
+        pytest.param("elsewhere", "elsewhere", id="a trusted certificate for another host"),
+    ],
+)
+async def test_starttls_refuses_a_certificate_it_cannot_verify(
+    database_url: str, redis_url: str, engine: AsyncEngine, certificates: Certificates, served: str, trusted: str
 ) -> None:
-    # The worker trusts a certificate, just not the server's: the send must fail in the handshake.
-    # No retries (CELERY_TASK_MAX_RETRIES=0): whether a handshake failure is worth retrying is not
-    # what this test is about.
-    served, other = certificates
+    # The worker trusts a certificate (SSL_CERT_FILE), just not this one for 127.0.0.1: the send
+    # must fail in the handshake. No retries (CELERY_TASK_MAX_RETRIES=0): whether a handshake
+    # failure is worth retrying is not what this test is about.
     server = RecordingServer()
-    with serving(server, tls_context=_tls_context(served), require_starttls=True):
-        env = {"SMTP_STARTTLS": "true", "SSL_CERT_FILE": str(other.cert)}
+    with serving(server, tls_context=_tls_context(certificates._asdict()[served]), require_starttls=True):
+        env = {"SMTP_STARTTLS": "true", "SSL_CERT_FILE": str(certificates._asdict()[trusted].cert)}
         with running_worker(database_url, redis_url, server, env, celery_task_max_retries=0) as (client, worker):
             outbox_id = await _send(engine, client)
             row = await _wait_for_state(engine, outbox_id, "failed", worker)
