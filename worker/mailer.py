@@ -30,9 +30,17 @@ def build_message(settings: Settings, *, task_id: str, email: str, amount: str, 
 
 
 class _TrackedSMTP(smtplib.SMTP):
-    """smtplib.SMTP that remembers whether the message data may have reached the server."""
+    """smtplib.SMTP that remembers whether the message data may have reached the server, and the
+    host it connected to."""
 
     data_started = False
+
+    def connect(self, host: str = "localhost", port: int = 0, source_address: Any = None) -> tuple[int, bytes]:
+        # starttls() verifies the certificate against the host given to __init__, which connects at
+        # once; we connect later (the watchdog must be running first), so keep the host here, or
+        # every STARTTLS fails with "check_hostname requires server_hostname".
+        self._host = host
+        return super().connect(host, port, source_address)
 
     def data(self, msg: Any) -> tuple[int, bytes]:
         self.data_started = True
