@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import math
+import subprocess
 import uuid
 
 import asyncpg
@@ -11,7 +15,10 @@ import pytest
 from core.outbox.states import OutboxState
 from core.settings import Settings
 from devservers.embedded import free_port
+from relay.db import connect
+from relay.operator import PURGE_CHUNK
 from tests.support.relays import relay_env, run_relay_command
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
 
@@ -219,3 +226,111 @@ async def test_purge_takes_the_task_runs_with_their_rows_and_refuses_an_age_insi
     )
     assert [r["id"] for r in await db.fetch("SELECT id FROM outbox")] == [recent]
     assert [r["task_id"] for r in await db.fetch("SELECT task_id FROM task_runs")] == [str(recent)]
+
+
+# A statement-level trigger of the test's own: one row per DELETE statement on outbox and on task_runs,
+# with its transaction and the rows it deleted. The outbox one then waits on an advisory lock the test
+# holds, which parks the purge inside its transaction until the test has looked at the locks.
+PURGE_PROBE = """
+CREATE TABLE purge_probe (seq serial, txid bigint, tab text, deleted bigint);
+CREATE FUNCTION purge_probe() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO purge_probe (txid, tab, deleted) SELECT txid_current(), TG_TABLE_NAME, count(*) FROM gone;
+    IF TG_TABLE_NAME = 'outbox' THEN
+        PERFORM pg_advisory_xact_lock({key});
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER purge_probe AFTER DELETE ON outbox REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION purge_probe();
+CREATE TRIGGER purge_probe AFTER DELETE ON task_runs REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION purge_probe();
+"""
+DROP_PURGE_PROBE = """
+DROP TRIGGER IF EXISTS purge_probe ON outbox;
+DROP TRIGGER IF EXISTS purge_probe ON task_runs;
+DROP FUNCTION IF EXISTS purge_probe();
+DROP TABLE IF EXISTS purge_probe;
+"""
+PROBE_LOCK = 716_016
+# Completed more than a week ago, oldest first by g; each with its task_runs record.
+OLD_COMPLETED = """
+WITH made AS (
+    INSERT INTO outbox (id, task_name, kwargs, state, created_at, published_at, completed_at)
+    SELECT gen_random_uuid(), 'audit_log_transaction', '{}', 'completed', t, t, t
+    FROM generate_series(1, $1) g, LATERAL (SELECT now() - interval '8 days' - make_interval(secs => g)) AS a(t)
+    RETURNING id
+)
+INSERT INTO task_runs (task_id, task_name, state) SELECT id::text, 'audit_log_transaction', 'done' FROM made
+"""
+
+
+async def purge_waiting_on_probe(db: asyncpg.Connection) -> bool:
+    return bool(
+        await db.fetchval(
+            "SELECT count(*) = 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'relay-purge' AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+        )
+    )
+
+
+async def lockable(db: asyncpg.Connection, row_id: uuid.UUID) -> bool:
+    """Whether another writer can lock the row at once (and then lets it go)."""
+    try:
+        async with db.transaction():
+            await db.execute("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE NOWAIT", row_id)
+    except asyncpg.LockNotAvailableError:
+        return False
+    return True
+
+
+async def test_purge_deletes_in_chunks_each_its_own_transaction_and_never_locks_the_rows_ahead(
+    settings: Settings, db: asyncpg.Connection, env: dict[str, str]
+) -> None:
+    chunk = PURGE_CHUNK
+    old = 2 * chunk + 345
+    await db.execute(OLD_COMPLETED, old)
+    newest_old, oldest = (
+        await db.fetchval("SELECT id FROM outbox ORDER BY completed_at DESC LIMIT 1"),
+        await db.fetchval("SELECT id FROM outbox ORDER BY completed_at LIMIT 1"),
+    )
+    keep = {
+        await add(db, OutboxState.COMPLETED, age_s=7 * 86_400 - 3600),
+        await add(db, OutboxState.PENDING, age_s=8 * 86_400),
+        await add(db, OutboxState.PUBLISHED, age_s=8 * 86_400),
+        await add(db, OutboxState.FAILED, age_s=8 * 86_400),
+    }
+    holder = await connect(settings, "test-purge-probe")
+    purge: asyncio.Task[subprocess.CompletedProcess[str]] | None = None
+    try:
+        await db.execute(PURGE_PROBE.replace("{key}", str(PROBE_LOCK)))
+        await holder.execute("SELECT pg_advisory_lock($1)", PROBE_LOCK)
+        purge = asyncio.create_task(asyncio.to_thread(run_relay_command, env, "purge", "--older-than", "7d"))
+        await until(lambda: purge_waiting_on_probe(db), 30, "the purge's first DELETE to reach the probe")
+
+        # Mid-purge: the first chunk (the oldest rows) is locked by its open transaction, nothing else is.
+        assert not await lockable(db, oldest), "the probe should hold the purge inside its first chunk"
+        assert await lockable(db, newest_old), "the purge locks rows beyond the chunk it is deleting"
+        assert all([await lockable(db, row_id) for row_id in keep])
+
+        await holder.execute("SELECT pg_advisory_unlock($1)", PROBE_LOCK)
+        result = await asyncio.wait_for(purge, 60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"purged {old} row(s) and {old} task run(s)"), result.stdout
+        statements = await db.fetch("SELECT txid, tab, deleted FROM purge_probe ORDER BY seq")
+    finally:
+        await holder.close()  # releases the probe's lock, if a failure left it held
+        if purge is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(purge, 60)
+        await db.execute(DROP_PURGE_PROBE)
+
+    sizes = [chunk] * (old // chunk) + [old % chunk]
+    assert len(sizes) == math.ceil(old / chunk)
+    outbox_deletes = [(r["txid"], r["deleted"]) for r in statements if r["tab"] == "outbox"]
+    runs_deletes = [(r["txid"], r["deleted"]) for r in statements if r["tab"] == "task_runs"]
+    assert [deleted for _, deleted in outbox_deletes] == sizes, statements
+    assert len({txid for txid, _ in outbox_deletes}) == len(sizes), "each chunk commits in its own transaction"
+    assert runs_deletes == outbox_deletes, "a chunk's task runs go in the chunk's own transaction"
+    assert {r["id"] for r in await db.fetch("SELECT id FROM outbox")} == keep
+    assert await db.fetchval("SELECT count(*) FROM task_runs") == 0

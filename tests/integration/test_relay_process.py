@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.contract import OUTBOX_CHANNEL
 from core.ledger import Ledger, TransferRequest
 from core.outbox import queries
 from core.outbox.states import OutboxState
@@ -288,3 +289,61 @@ async def test_a_queued_message_is_not_republished_however_long_it_waits(
     rows = await db.fetch("SELECT state, republishes FROM outbox")
     assert {(r["state"], r["republishes"]) for r in rows} == {(OutboxState.PUBLISHED, 0)}
     assert len(queued_messages(broker.client(), queue)) == 5
+
+
+async def lane_idle_for(db: asyncpg.Connection, seconds: float) -> bool:
+    """Whether the relay's polling lane (lane 0) has run no statement for `seconds`: it stopped lingering."""
+    return bool(
+        await db.fetchval(
+            "SELECT clock_timestamp() - state_change > make_interval(secs => $1) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'relay-lane-0' AND state = 'idle'",
+            seconds,
+        )
+    )
+
+
+async def test_the_linger_picks_up_rows_without_a_notify_then_an_idle_relay_waits_for_one(
+    settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
+) -> None:
+    # The idle poll (and the reconciler, which runs after a batch) every 60 s: within this test only
+    # a NOTIFY, or the linger after the batch it woke, can explain a pick-up.
+    linger = 3.0
+    env = env_for(
+        settings,
+        broker,
+        queue,
+        RELAY_POLL_INTERVAL="60",
+        RELAY_RECONCILE_INTERVAL="60",
+        RELAY_LINGER=str(linger),
+        RELAY_BUSY_POLL="0.01",
+    )
+    notified: list[str] = []
+    listen = await connect(settings, "test-listen")
+    await listen.add_listener(OUTBOX_CHANNEL, lambda *args: notified.append(args[-1]))
+    try:
+        with start_relay(env) as relay:
+            await until(logged(relay, "relay.connected"), 30, "relay connected (and listening)")
+            async with db.transaction():
+                await fill(db, 1)
+                await db.execute("SELECT pg_notify($1, 'first')", OUTBOX_CHANNEL)
+            await until(published(db, 1), 20, "the notified row published")
+
+            # Committed just after the notified batch, with no NOTIFY (as a coalesced transfer is):
+            # the lingering relay still publishes it, long before its next idle poll.
+            await fill(db, 1)
+            await until(published(db, 2), 20, "the un-notified row published while the relay lingers")
+
+            # The linger runs out: lane 0 stops polling and sleeps for RELAY_POLL_INTERVAL.
+            await until(lambda: lane_idle_for(db, 1.0), linger + 20, f"the relay to go idle after its {linger}s linger")
+            await fill(db, 1)
+            await asyncio.sleep(linger + 1)  # observing absence: nothing wakes an idle relay but a NOTIFY or the poll
+            assert await count_state(db, OutboxState.PENDING) == 1, "an idle relay published a row nobody notified"
+
+            await db.execute("SELECT pg_notify($1, 'wake')", OUTBOX_CHANNEL)
+            await until(published(db, 3), 20, "the row published after the NOTIFY")
+            relay.signal(signal.SIGTERM)
+            assert relay.wait(10) == 0
+        await until(lambda: "wake" in notified, 30, "the test's listener to hear the last NOTIFY")
+        assert notified == ["first", "wake"], "only the test's own NOTIFYs were sent"
+    finally:
+        await listen.close()
