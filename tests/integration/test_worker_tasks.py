@@ -484,4 +484,3 @@ def test_an_audit_is_recorded_while_a_relay_holds_its_outbox_row(app: WorkerApp,
     assert again.result == outcome.result
     assert outbox_row(app, outbox_id).state == "completed"
     assert len(query(app, "SELECT 1 FROM audit_log WHERE task_id = :id", id=outbox_id)) == 1
-
