@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import ssl
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,11 +25,13 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from celery.result import AsyncResult
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.contract import SEND_TRANSACTION_EMAIL
-from tests.workers import RunningWorker, insert_outbox_row, start_worker, worker_env, worker_settings
+from devservers.embedded import free_port
+from tests.support.outbox import OutboxRecord, insert_outbox_row, outbox_rows
+from tests.support.waiting import until
+from tests.support.workers import RunningWorker, start_worker, worker_env, worker_settings
 from worker.celery_app import WorkerApp, create_celery_app
 
 pytestmark = pytest.mark.e2e
@@ -120,17 +120,10 @@ class RecordingServer:
             return len(self.mails)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextmanager
 def serving(server: RecordingServer, **smtp_options: Any) -> Iterator[RecordingServer]:
     """Run `server` on 127.0.0.1 for the block; `smtp_options` go to aiosmtpd's SMTP (auth, TLS)."""
-    server.port = _free_port()
+    server.port = free_port()
     controller = Controller(server, hostname="127.0.0.1", port=server.port, **smtp_options)
     controller.start()
     try:
@@ -211,34 +204,24 @@ async def _send(engine: AsyncEngine, client: WorkerApp) -> str:
     return outbox_id
 
 
-class Row(NamedTuple):
-    state: str
-    last_error: str | None
-
-
-async def _row(engine: AsyncEngine, outbox_id: str) -> Row:
-    async with engine.connect() as connection:
-        found = (
-            await connection.execute(
-                text("SELECT state, last_error FROM outbox WHERE id = CAST(:id AS uuid)"), {"id": outbox_id}
-            )
-        ).one()
-    return Row(str(found.state), found.last_error)
+async def _row(engine: AsyncEngine, outbox_id: str) -> OutboxRecord:
+    (row,) = await outbox_rows(engine, "id = $1::uuid", outbox_id)
+    return row
 
 
 async def _wait_for_state(
     engine: AsyncEngine, outbox_id: str, state: str, worker: RunningWorker, *, seconds: float = 15.0
-) -> Row:
+) -> OutboxRecord:
     """Wait until the worker leaves the outbox row in `state` (completed or failed): fail as soon as
     it ends in the other one, or when `seconds` pass."""
-    deadline = time.monotonic() + seconds
-    while (row := await _row(engine, outbox_id)).state != state:
-        ended = row.state in ("completed", "failed")
-        if ended or time.monotonic() > deadline:
-            within = "" if ended else f" within {seconds}s"
-            raise AssertionError(f"outbox row not {state!r}{within} (it is {row}); worker log:\n{worker.log()[-4000:]}")
-        await asyncio.sleep(0.1)
-    return row
+
+    async def reached() -> OutboxRecord | None:
+        row = await _row(engine, outbox_id)
+        if row.state != state and row.state in ("completed", "failed"):
+            raise AssertionError(f"outbox row not {state!r} (it is {row}); worker log:\n{worker.log()[-4000:]}")
+        return row if row.state == state else None
+
+    return await until(reached, seconds, f"outbox row {state!r}")
 
 
 def _secret_forms(password: str) -> list[str]:
