@@ -74,6 +74,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection, beyond asyncpg's own (which always rolls back an
+    open transaction and drops listeners): nothing. The default also sends `SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`, a round trip per database call of
+    every task, undoing what no task does (advisory locks, cursors, LISTEN, SET)."""
+
+
 class _LoopThread:
     def __init__(self) -> None:
         self.loop = _new_loop()
@@ -152,5 +159,6 @@ class WorkerDatabase:
                 timeout=options.connect_timeout,
                 command_timeout=options.command_timeout,
                 server_settings=options.server_settings,
+                reset=_keep_session,
             )
             return self._pool

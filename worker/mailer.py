@@ -67,7 +67,8 @@ def send_email(settings: Settings, compose: Callable[[], EmailMessage], *, deadl
         if settings.email_send_delay > left:
             time.sleep(max(left, 0.0))
             raise SendDeadlineExceeded(f"the simulated send ({settings.email_send_delay}s) outlasts its deadline")
-        time.sleep(settings.email_send_delay)
+        if settings.email_send_delay:
+            time.sleep(settings.email_send_delay)
         return
     message = compose()
     smtp = _TrackedSMTP(timeout=_step_timeout(settings, deadline))
