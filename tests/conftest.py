@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
+from types import FrameType
 
 import pytest
 from alembic import command
@@ -40,6 +42,16 @@ hypothesis_settings.register_profile(
     "debug", parent=hypothesis_settings.get_profile("dev"), verbosity=Verbosity.verbose
 )
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (a CI timeout, `kill`) ends the session as Ctrl-C does, so the fixtures still stop
+    # what they started: the service's processes run in sessions of their own and would outlive it.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")
