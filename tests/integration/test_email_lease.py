@@ -8,8 +8,7 @@ Short limits: the lease is the hard time limit (4 s) and the whole send must end
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -18,11 +17,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.contract import SEND_TRANSACTION_EMAIL
-from tests.support.outbox import insert_outbox_row
+from tests.support.outbox import insert_outbox_row, outbox_rows
 from tests.support.smtp import SmtpSink, smtp_sink
 from tests.support.waiting import until
-from tests.support.workers import RunningWorker, start_worker, worker_env, worker_settings
-from worker.celery_app import WorkerApp, create_celery_app
+from tests.support.workers import RunningWorker, mail_worker
+from worker.celery_app import WorkerApp
 
 pytestmark = pytest.mark.e2e
 
@@ -38,30 +37,13 @@ EMAIL = {"email": "payer@example.com", "amount": "12.50", "status": "SUCCESS"}
 
 def _worker(
     database_url: str, redis_url: str, sink: SmtpSink, **overrides: Any
-) -> Iterator[tuple[WorkerApp, RunningWorker]]:
-    queue = f"test-lease-{uuid.uuid4().hex[:8]}"
-    settings = worker_settings(
-        database_url,
-        redis_url,
-        celery_task_queue=queue,
-        smtp_host=sink.host,
-        smtp_port=sink.port,
-        **{**LIMITS, **overrides},
-    )
-    client = create_celery_app(settings)
-    try:
-        with start_worker(worker_env(settings), queue=queue) as worker:
-            yield client, worker
-    finally:
-        client.close()
+) -> AbstractContextManager[tuple[WorkerApp, RunningWorker]]:
+    return mail_worker(database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port, **{**LIMITS, **overrides})
 
 
 async def _state(engine: AsyncEngine, outbox_id: str) -> str:
-    async with engine.connect() as connection:
-        state = await connection.scalar(
-            text("SELECT state FROM outbox WHERE id = CAST(:id AS uuid)"), {"id": outbox_id}
-        )
-    return str(state)
+    (row,) = await outbox_rows(engine, "id = $1::uuid", outbox_id)
+    return row.state
 
 
 async def test_an_email_slower_than_its_lease_and_a_duplicate_delivery_send_one_email(
@@ -71,7 +53,9 @@ async def test_an_email_slower_than_its_lease_and_a_duplicate_delivery_send_one_
     # SMTP_TIMEOUT (3.5 s), 6 s together, well past the 4 s lease. A duplicate arrives a second
     # later and, once the lease runs out, would take it over and send while the first still sends.
     with smtp_sink(step_delay=3.0, slow_sessions=1) as sink:
-        for client, worker in _worker(database_url, redis_url, sink, smtp_timeout=3.5):
+        with mail_worker(
+            database_url, redis_url, smtp_host=sink.host, smtp_port=sink.port, **{**LIMITS, "smtp_timeout": 3.5}
+        ) as (client, worker):
             outbox_id = await insert_outbox_row(engine, SEND_TRANSACTION_EMAIL, EMAIL)
             client.send_task(SEND_TRANSACTION_EMAIL, kwargs=EMAIL, task_id=outbox_id)
             await until(lambda: sink.mails >= 1, 15, "the first delivery's send reaching MAIL")
@@ -96,7 +80,13 @@ async def test_waiting_for_a_duplicates_lease_does_not_use_up_the_retry_budget(
     # are at most CELERY_RETRY_BACKOFF_MAX = 1 s apart), more than its whole retry budget (1).
     # Then its first send meets a temporary refusal: that one transient failure must be retried.
     with smtp_sink(refuse_first=1) as sink:
-        for client, worker in _worker(database_url, redis_url, sink, celery_task_max_retries=1):
+        with mail_worker(
+            database_url,
+            redis_url,
+            smtp_host=sink.host,
+            smtp_port=sink.port,
+            **{**LIMITS, "celery_task_max_retries": 1},
+        ) as (client, worker):
             outbox_id = await insert_outbox_row(engine, SEND_TRANSACTION_EMAIL, EMAIL)
             async with engine.begin() as connection:
                 await connection.execute(

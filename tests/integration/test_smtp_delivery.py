@@ -12,9 +12,8 @@ import base64
 import ssl
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -31,8 +30,8 @@ from core.contract import SEND_TRANSACTION_EMAIL
 from devservers.embedded import free_port
 from tests.support.outbox import OutboxRecord, insert_outbox_row, outbox_rows
 from tests.support.waiting import until
-from tests.support.workers import RunningWorker, start_worker, worker_env, worker_settings
-from worker.celery_app import WorkerApp, create_celery_app
+from tests.support.workers import RunningWorker, mail_worker
+from worker.celery_app import WorkerApp
 
 pytestmark = pytest.mark.e2e
 
@@ -175,26 +174,13 @@ def _tls_context(certificate: Certificate) -> ssl.SSLContext:
     return context
 
 
-@contextmanager
 def running_worker(
     database_url: str, redis_url: str, server: RecordingServer, env: dict[str, str], **overrides: Any
-) -> Iterator[tuple[WorkerApp, RunningWorker]]:
+) -> AbstractContextManager[tuple[WorkerApp, RunningWorker]]:
     """A worker process sending to `server`, with the SMTP_* (and other) variables in `env`."""
-    queue = f"test-smtp-{uuid.uuid4().hex[:8]}"
-    settings = worker_settings(
-        database_url,
-        redis_url,
-        celery_task_queue=queue,
-        smtp_host="127.0.0.1",
-        smtp_port=server.port,
-        **{**LIMITS, **overrides},
+    return mail_worker(
+        database_url, redis_url, smtp_host="127.0.0.1", smtp_port=server.port, env=env, **{**LIMITS, **overrides}
     )
-    client = create_celery_app(settings)
-    try:
-        with start_worker(worker_env(settings, **env), queue=queue) as worker:
-            yield client, worker
-    finally:
-        client.close()
 
 
 async def _send(engine: AsyncEngine, client: WorkerApp) -> str:

@@ -20,6 +20,7 @@ import redis
 from core.settings import Settings
 from tests.support.environment import ROOT, service_env
 from tests.support.waiting import wait_until
+from worker.celery_app import WorkerApp, create_celery_app
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 
@@ -152,6 +153,30 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         env["SMTP_HOST"] = settings.smtp_host
     env.update(extra)
     return env
+
+
+@contextmanager
+def mail_worker(
+    database_url: str,
+    redis_url: str,
+    *,
+    smtp_host: str,
+    smtp_port: int,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Iterator[tuple[WorkerApp, RunningWorker]]:
+    """A real worker on a queue of its own that sends to the SMTP server at smtp_host:smtp_port,
+    with a client app to send it tasks; `overrides` are Settings fields, `env` extra variables."""
+    queue = f"test-mail-{uuid.uuid4().hex[:8]}"
+    settings = worker_settings(
+        database_url, redis_url, celery_task_queue=queue, smtp_host=smtp_host, smtp_port=smtp_port, **overrides
+    )
+    client = create_celery_app(settings)
+    try:
+        with start_worker(worker_env(settings, **(env or {})), queue=queue) as worker:
+            yield client, worker
+    finally:
+        client.close()
 
 
 def task_result(redis_url: str, task_id: str) -> dict[str, Any] | None:
