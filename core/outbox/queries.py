@@ -442,13 +442,14 @@ def _stored(row: asyncpg.Record | None) -> StoredRun | None:
 # and until when it counts as alive (the reconciler leaves a started row alone until then), and
 # read the task id's record, so a duplicate returns before doing any work. Only unfinished rows
 # are touched; none of these columns is indexed, so the update is a cheap HOT update.
-_START_DELIVERY = f"""
-WITH started AS (
+_STARTED = f"""started AS (
     UPDATE outbox
     SET delivery_started_at = now(), delivery_lease_until = now() + make_interval(secs => $3),
         deliveries = deliveries + 1
     WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}')
-)
+)"""
+_START_DELIVERY = f"""
+WITH {_STARTED}
 SELECT state, result::text AS result, GREATEST(EXTRACT(EPOCH FROM lease_until - now()), 0)::float8 AS lease_left
 FROM task_runs WHERE task_id = $2
 """
@@ -478,16 +479,27 @@ async def extend_delivery(connection: Connection, outbox_id: UUID, seconds: floa
     await connection.execute(_EXTEND_DELIVERY, outbox_id, float(seconds))
 
 
+# Take the lease if nobody has it, or take over one whose holder outlived it (a crashed worker).
+# Each lease gets a fresh fencing token; only its holder can release or finish it. Taking it also
+# counts a send whose outcome is unknown until the holder finishes or proves nothing was sent.
+def _claim_lease_sql(task_id: str, task_name: str, seconds: str) -> str:
+    return f"""
+INSERT INTO task_runs (task_id, task_name, state, lease_until, lease_token, sends_in_doubt)
+VALUES ({task_id}, {task_name}, '{RunState.RUNNING}', now() + make_interval(secs => {seconds}), gen_random_uuid(), 1)
+ON CONFLICT (task_id) DO UPDATE
+    SET lease_until = EXCLUDED.lease_until, lease_token = EXCLUDED.lease_token, started_at = now(),
+        sends_in_doubt = task_runs.sends_in_doubt + 1
+    WHERE task_runs.state = '{RunState.RUNNING}' AND task_runs.lease_until < now()
+RETURNING lease_token"""
+
+
+_CLAIM_LEASE = _claim_lease_sql("$1", "$2", "$3")
+
+
 # start_delivery and claim_lease in one round trip, for the email: `stored` is the record as the
 # statement found it (as start_delivery returns it); `token` is set if this delivery took the lease.
 _START_AND_CLAIM = f"""
-WITH started AS (
-    UPDATE outbox
-    SET delivery_started_at = now(), delivery_lease_until = now() + make_interval(secs => $3),
-        deliveries = deliveries + 1
-    WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}')
-), claimed AS (
-    {{claim}}
+WITH {_STARTED}, claimed AS ({_claim_lease_sql("$2", "$4", "$3")}
 )
 SELECT r.state, r.result::text AS result,
     GREATEST(EXTRACT(EPOCH FROM r.lease_until - now()), 0)::float8 AS lease_left,
@@ -507,24 +519,6 @@ async def start_and_claim(
     row = await connection.fetchrow(_START_AND_CLAIM, outbox_id, task_id, float(lease_seconds), task_name)
     assert row is not None
     return (_stored(row) if row["state"] is not None else None), row["token"]
-
-
-# Take the lease if nobody has it, or take over one whose holder outlived it (a crashed worker).
-# Each lease gets a fresh fencing token; only its holder can release or finish it. Taking it also
-# counts a send whose outcome is unknown until the holder finishes or proves nothing was sent.
-def _claim_lease_sql(task_id: str, task_name: str, seconds: str) -> str:
-    return f"""
-INSERT INTO task_runs (task_id, task_name, state, lease_until, lease_token, sends_in_doubt)
-VALUES ({task_id}, {task_name}, '{RunState.RUNNING}', now() + make_interval(secs => {seconds}), gen_random_uuid(), 1)
-ON CONFLICT (task_id) DO UPDATE
-    SET lease_until = EXCLUDED.lease_until, lease_token = EXCLUDED.lease_token, started_at = now(),
-        sends_in_doubt = task_runs.sends_in_doubt + 1
-    WHERE task_runs.state = '{RunState.RUNNING}' AND task_runs.lease_until < now()
-RETURNING lease_token"""
-
-
-_CLAIM_LEASE = _claim_lease_sql("$1", "$2", "$3")
-_START_AND_CLAIM = _START_AND_CLAIM.replace("{claim}", _claim_lease_sql("$2", "$4", "$3"))
 
 
 async def claim_lease(connection: Connection, task_id: str, task_name: str, seconds: float) -> UUID | None:

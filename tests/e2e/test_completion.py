@@ -116,7 +116,8 @@ def test_a_task_that_always_fails_is_failed_not_republished_and_listed_as_dead(
     # Passes past three completion deadlines: a reconciler that took a failed row for lost would
     # have re-published it by then.
     wait_until(lambda: _reconcile_runs() > 0, 30, "the relay's first reconcile pass")
-    _wait_reconcile_passes(int(3 * 2 / 0.3), "after the row failed")
+    deadline, interval = (float(FAST_RECONCILE[k]) for k in ("RELAY_COMPLETION_DEADLINE", "RELAY_RECONCILE_INTERVAL"))
+    _wait_reconcile_passes(int(3 * deadline / interval), "after the row failed")
 
     row = _rows(database)["send_transaction_email"]
     assert row.state == "failed"
