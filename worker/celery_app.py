@@ -8,6 +8,7 @@ from the environment on first access.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, signals
@@ -18,6 +19,11 @@ from worker import observability
 from worker.context import WorkerContext
 from worker.tasks import register_tasks
 
+# Celery's loggers that write a line per task received, succeeded and retried. Those lines carry the
+# task's arguments and its result, which hold the recipient's e-mail address (personal data), and
+# cost formatting per task; the worker logs its own line per run instead (worker.observability).
+# Their WARNING and ERROR lines (a task failed or could not run) still reach the log.
+CELERY_PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
 # How many times the worker retries storing a result while the result backend is down
 # (Celery sleeps 10 ms doubling to 10 s between tries: about two minutes in all).
 RESULT_BACKEND_MAX_RETRIES = 20
@@ -54,6 +60,13 @@ def check_time_limits(settings: Settings) -> None:
             f"plus CELERY_RETRY_BACKOFF_MAX ({backoff}): a retried task waits, unacknowledged, in the worker "
             "that scheduled it before it runs"
         )
+
+
+def configure_worker_logging(settings: Settings) -> None:
+    """The worker's logging: core.logging's format, without Celery's per-task INFO lines."""
+    configure_logging(settings, "worker")
+    for name in CELERY_PER_TASK_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def unacked_restore_interval(settings: Settings) -> int:
@@ -135,7 +148,7 @@ def create_celery_app(settings: Settings) -> WorkerApp:
     def configure(**_: Any) -> None:
         # Connecting this signal stops Celery from installing its own handlers: one log format
         # (core.logging, JSON by default) for the API, the relay and the worker.
-        configure_logging(settings, "worker")
+        configure_worker_logging(settings)
 
     def close_database(**_: Any) -> None:
         context.database.close()

@@ -7,6 +7,8 @@ themselves only report one thing: a duplicate delivery they absorbed (`absorbed(
   They count the tasks that process runs: the threads pool (the default) runs them all there. Under
   prefork the tasks run in child processes whose counts this server does not see; and several worker
   processes on one host each need a port of their own (or 0).
+- Logs: one INFO line per task run, `<task name>[<task id>] <outcome> in <seconds>s`, in place of
+  Celery's own lines, which carry the arguments and the result (worker.celery_app).
 - Traces: each task run is a CONSUMER span `process <task name>`, child of the message's `traceparent`
   header (the relay's publish span, or the request's), current while the task runs, so the task's log
   lines carry the transfer's trace id.
@@ -14,7 +16,7 @@ themselves only report one thing: a duplicate delivery they absorbed (`absorbed(
 
 from __future__ import annotations
 
-import threading
+import logging
 import time
 from typing import Any, TypeVar
 
@@ -38,7 +40,13 @@ TRACEPARENT_HEADER = "traceparent"
 CREATED_AT_HEADER = "outbox_created_at"
 # A request attribute set by absorbed(): the run returned an effect that already existed.
 _ABSORBED = "outbox_absorbed"
+# A request attribute holding the run's span and start. On the request, not in a map keyed by task
+# id: two deliveries of one task id may run at once, each in its own thread with its own request.
+_RUN = "outbox_run"
 _T = TypeVar("_T")
+_OUTCOMES = {"SUCCESS": SUCCEEDED, "RETRY": RETRIED, "FAILURE": FAILED}
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerMetrics:
@@ -90,8 +98,6 @@ def install(app: Celery, settings: Settings, metrics: WorkerMetrics | None = Non
     if metrics is None and settings.worker_metrics_port:
         metrics = WorkerMetrics()
     tracer = trace.get_tracer("worker")
-    runs: dict[str, _Run] = {}
-    lock = threading.Lock()
     server: list[MetricsServer] = []
 
     def ours(sender: Any) -> bool:
@@ -136,18 +142,28 @@ def install(app: Celery, settings: Settings, metrics: WorkerMetrics | None = Non
                 }
             )
         token = otel_context.attach(trace.set_span_in_context(span))
-        with lock:
-            runs[task_id] = _Run(span, token, time.perf_counter())
+        setattr(task.request, _RUN, _Run(span, token, time.perf_counter()))
 
     def postrun(sender: Any = None, task_id: str = "", task: Any = None, state: str | None = None, **_: Any) -> None:
         if not ours(task):
             return
-        with lock:
-            run = runs.pop(task_id, None)
+        run: _Run | None = getattr(task.request, _RUN, None)
         if run is None:
             return
+        elapsed = time.perf_counter() - run.started
         if metrics is not None:
-            metrics.duration.labels(task.name).observe(time.perf_counter() - run.started)
+            metrics.duration.labels(task.name).observe(elapsed)
+        outcome = _OUTCOMES.get(state or "", str(state).lower())
+        duplicate = getattr(task.request, _ABSORBED, False)
+        logger.info(
+            "%s[%s] %s in %.3fs%s",
+            task.name,
+            task_id,
+            outcome,
+            elapsed,
+            " (a duplicate: its effect already existed)" if duplicate else "",
+            extra={"task_id": task_id, "task_name": task.name, "outcome": outcome},
+        )
         if state == "FAILURE":
             run.span.set_status(Status(StatusCode.ERROR))
         run.span.end()

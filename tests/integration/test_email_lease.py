@@ -62,7 +62,7 @@ async def test_an_email_slower_than_its_lease_and_a_duplicate_delivery_send_one_
             client.send_task(SEND_TRANSACTION_EMAIL, kwargs=EMAIL, task_id=outbox_id)
             result = await asyncio.to_thread(AsyncResult(outbox_id, app=client).get, timeout=30)
             await asyncio.to_thread(
-                worker.wait_for_log, f"Task {SEND_TRANSACTION_EMAIL}[{outbox_id}] succeeded", count=2, timeout=30
+                worker.wait_for_log, f"{SEND_TRANSACTION_EMAIL}[{outbox_id}] succeeded", count=2, timeout=30
             )
             log = worker.log()
         assert result["task_id"] == outbox_id

@@ -81,8 +81,8 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_ur
                 await asyncio.to_thread(AsyncResult(task_id, app=client).get, timeout=30)
                 for task_id in (email_id, audit_id)
             ]
-            assert f"[{email_id}] received" in worker_b.log()
-            assert f"[{audit_id}] received" in worker_b.log()
+            assert f"{SEND_TRANSACTION_EMAIL}[{email_id}] succeeded" in worker_b.log()
+            assert f"{AUDIT_LOG_TRANSACTION}[{audit_id}] succeeded" in worker_b.log()
         client.close()
 
     assert [result["task_id"] for result in results] == [email_id, audit_id]
