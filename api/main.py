@@ -13,7 +13,7 @@ from opentelemetry.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.bodylimit import BodyLimit
-from api.dependencies import AppState
+from api.dependencies import AppState, document_bearer_auth
 from api.errors import install_error_handlers
 from api.metrics import instrument
 from api.ratelimit import RateLimiter
@@ -106,6 +106,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(router)
+    document_bearer_auth(app, router.prefix)
     app.include_router(health)
     # API_METRICS_PORT=0: no middleware, no counters (error handlers find app.state.metrics None).
     metrics = instrument(app) if resolved.api_metrics_port else None

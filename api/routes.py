@@ -48,33 +48,33 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 @router.post("/clients", status_code=201, response_model=ClientCreated, responses=_errors(403), tags=["clients"])
-async def create_client(body: ClientCreate, state: State, operator: Operator) -> ClientCreated:
+async def create_client(body: ClientCreate, call: Operator) -> ClientCreated:
     """Create a client and its API key. The key is in this answer only."""
-    created = await state.clients.create(body.name)
+    created = await call.state.clients.create(body.name)
     return ClientCreated(id=created.client.id, name=created.client.name, api_key=created.api_key)
 
 
 @router.get("/clients", response_model=list[ClientOut], responses=_errors(403), tags=["clients"])
-async def list_clients(state: State, operator: Operator) -> list[ClientOut]:
-    return [ClientOut.model_validate(client) for client in await state.clients.list()]
+async def list_clients(call: Operator) -> list[ClientOut]:
+    return [ClientOut.model_validate(client) for client in await call.state.clients.list()]
 
 
 @router.delete("/clients/{client_id}", response_model=ClientOut, responses=_errors(403, 404), tags=["clients"])
-async def revoke_client(client_id: UUID, state: State, operator: Operator) -> ClientOut:
+async def revoke_client(client_id: UUID, call: Operator) -> ClientOut:
     """Revoke the client's key: it stops working (in other API processes within AUTH_CACHE_SECONDS)."""
-    return ClientOut.model_validate(await state.clients.revoke(client_id))
+    return ClientOut.model_validate(await call.state.clients.revoke(client_id))
 
 
 @router.post("/accounts", status_code=201, response_model=AccountOut, responses=_errors(403), tags=["accounts"])
-async def create_account(body: AccountCreate, state: State, owner: AccountHolder) -> AccountOut:
+async def create_account(body: AccountCreate, call: AccountHolder) -> AccountOut:
     """Open an account for the calling client, at a balance of zero."""
-    account = await state.ledger.open_account(owner, str(body.owner_email), body.currency)
+    account = await call.state.ledger.open_account(call.caller, str(body.owner_email), body.currency)
     return AccountOut.model_validate(account)
 
 
 @router.get("/accounts/{account_id}", response_model=AccountOut, responses=_errors(404), tags=["accounts"])
-async def read_account(account_id: UUID, state: State, caller: Caller) -> AccountOut:
-    return AccountOut.model_validate(await state.ledger.account(account_id, caller))
+async def read_account(account_id: UUID, call: Caller) -> AccountOut:
+    return AccountOut.model_validate(await call.state.ledger.account(account_id, call.caller))
 
 
 @router.post(
@@ -87,12 +87,12 @@ async def read_account(account_id: UUID, state: State, caller: Caller) -> Accoun
 async def deposit(
     account_id: UUID,
     body: DepositCreate,
-    state: State,
-    operator: Operator,
+    call: Operator,
     idempotency_key: Annotated[str, Header(**IDEMPOTENCY_KEY)],
 ) -> TransactionOut:
     """Money enters only here. A repeat with the same Idempotency-Key returns the original deposit."""
-    result = await state.ledger.deposit(DepositRequest(account_id, body.amount, idempotency_key), operator)
+    request = DepositRequest(account_id, body.amount, idempotency_key)
+    result = await call.state.ledger.deposit(request, call.caller)
     return TransactionOut.model_validate(result.transaction)
 
 
@@ -106,16 +106,15 @@ async def deposit(
 )
 async def transfer(
     body: TransferCreate,
-    state: State,
-    owner: AccountHolder,
+    call: AccountHolder,
     idempotency_key: Annotated[str | None, Header(**IDEMPOTENCY_KEY)] = None,
 ) -> TransactionOut:
     """Move money out of one of the caller's accounts. A repeat with the same Idempotency-Key returns
     the original answer (201, same body)."""
     request = TransferRequest(body.from_account_id, body.to_account_id, body.amount, idempotency_key)
-    result = await state.ledger.transfer(request, owner)
-    if state.metrics is not None:
-        state.metrics.transfer_answered(created=result.created)
+    result = await call.state.ledger.transfer(request, call.caller)
+    if call.state.metrics is not None:
+        call.state.metrics.transfer_answered(created=result.created)
     return TransactionOut.model_validate(result.transaction)
 
 
@@ -126,9 +125,9 @@ async def transfer(
     responses=_errors(404),
     tags=["transactions"],
 )
-async def read_transaction(transaction_id: UUID, state: State, caller: Caller) -> TransactionDetail:
-    view = await state.ledger.transaction(transaction_id, caller)
-    messages = [_message(message, caller.is_operator) for message in view.messages]
+async def read_transaction(transaction_id: UUID, call: Caller) -> TransactionDetail:
+    view = await call.state.ledger.transaction(transaction_id, call.caller)
+    messages = [_message(message, call.caller.is_operator) for message in view.messages]
     return TransactionDetail(**TransactionOut.model_validate(view.transaction).model_dump(), messages=messages)
 
 

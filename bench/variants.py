@@ -24,10 +24,10 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.dependencies import authenticated
+from api.dependencies import Call, any_caller, client_only, services
 from api.main import create_app
 from bench.minimal_app import from_environment
 from core.clients import Principal, Role
@@ -67,10 +67,11 @@ def _without_authentication() -> FastAPI:
     app = create_app()
     caller = Principal(Role.CLIENT, uuid.UUID(os.environ["BENCH_CLIENT_ID"]), "bench")
 
-    async def the_bench_client() -> Principal:
-        return caller
+    async def the_bench_client(request: Request) -> Call:
+        return Call(caller, services(request))
 
-    app.dependency_overrides[authenticated] = the_bench_client
+    app.dependency_overrides[any_caller] = the_bench_client
+    app.dependency_overrides[client_only] = the_bench_client
     return app
 
 
