@@ -1,5 +1,6 @@
-"""The edge under pressure: a client over its rate limit gets 429 while others carry on; an
-exhausted pool, a held lock or a slow statement get 503 with Retry-After, never a 500."""
+"""The edge under pressure: a client over its rate limit gets 429 while others carry on, and API
+processes reserving its slots in chunks never admit beyond its budget together; an exhausted
+pool, a held lock or a slow statement get 503 with Retry-After, never a 500."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.main import create_app
+from api.ratelimit import RESERVATION_SHARE, RateLimited, RateLimiter
 from core.settings import Settings
 from tests.support.api import OPERATOR_HEADERS, bearer, new_client_key, open_account
 
@@ -117,3 +120,69 @@ async def test_a_held_account_lock_gets_503_not_a_hang(
             assert answer.status_code == 503, (cancelled_by, answer.text)
             assert answer.headers["Retry-After"]
             assert (await client.get(f"/api/v1/accounts/{source}")).json()["balance"] == "10.00"
+
+
+class _Clock:
+    """The limiter's clock, moved by the test: reservations lapse when the test says so, not with time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _admitted(limiter: RateLimiter, caller: str, requests: int) -> int:
+    admitted = 0
+    for _ in range(requests):
+        try:
+            await limiter.hit(caller)
+        except RateLimited:
+            continue
+        admitted += 1
+    return admitted
+
+
+async def test_processes_reserve_slots_in_chunks_and_never_admit_beyond_the_shared_budget(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two API processes (two limiters on one Redis) serving one client: a busy client costs a Redis
+    call per chunk, not per request, and the two together admit at most the budget, short of it by
+    at most one unused chunk each."""
+    calls = Counter[int]()
+    hit = SlidingWindowCounterRateLimiter.hit
+
+    async def counted(self: SlidingWindowCounterRateLimiter, *args: Any, cost: int = 1) -> bool:
+        calls[cost] += 1
+        return await hit(self, *args, cost=cost)
+
+    monkeypatch.setattr(SlidingWindowCounterRateLimiter, "hit", counted)
+    clock = _Clock()
+    # A minute's window: Redis's window cannot move on during the test.
+    first, second = (RateLimiter("200/minute", settings.rate_limit_storage, clock) for _ in range(2))
+    caller = str(uuid.uuid4())
+    period = 60 / RESERVATION_SHARE
+    assert await _admitted(first, caller, 30) == 30  # a client first seen: one request at a time
+    assert calls == {1: 30}
+    clock.now += period
+    assert await _admitted(first, caller, 40) == 40  # what it served last period, capped at 200/10
+    assert calls[20] == 2
+    assert await _admitted(second, caller, 10) == 10
+    clock.now += period
+    admitted = 80 + await _admitted(first, caller, 100) + await _admitted(second, caller, 100)
+    assert 200 - 2 * 20 <= admitted <= 200, admitted
+    refusals = 280 - admitted
+    # Once a chunk no longer fits, one call per request: a refused one costs what it did before.
+    assert sum(calls.values()) <= 30 + 2 + 10 + admitted // 10 + refusals + 4, calls
+
+
+async def test_a_lapsed_reservation_is_not_spent(settings: Settings) -> None:
+    clock = _Clock()
+    limiter = RateLimiter("100/minute", settings.rate_limit_storage, clock)
+    caller = str(uuid.uuid4())
+    period = 60 / RESERVATION_SHARE
+    assert await _admitted(limiter, caller, 10) == 10
+    clock.now += period
+    assert await _admitted(limiter, caller, 1) == 1  # reserves a chunk of 10, spends one
+    clock.now += period  # the 9 left lapse: counted in Redis, refused to the client
+    assert await _admitted(limiter, caller, 100) == 100 - 20
