@@ -16,9 +16,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,30 +47,43 @@ class ServerSpanMiddleware:
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
-        parent = _remote_parent(scope["headers"])
-        with self.tracer.start_as_current_span(method, context=parent, kind=SpanKind.SERVER) as span:
-            if not span.is_recording():
+        # start_span and attach by hand: start_as_current_span's two context-manager layers cost
+        # as much again as the span itself, on every request.
+        span = self.tracer.start_span(method, context=_remote_parent(scope["headers"]), kind=SpanKind.SERVER)
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            if span.is_recording():
+                await self._recorded(span, method, scope, receive, send)
+            else:
                 await self.app(scope, receive, send)
-                return
-            span.set_attributes(
-                {"http.request.method": method, "url.path": scope["path"], "url.scheme": scope.get("scheme", "http")}
-            )
+        finally:
+            context.detach(token)
+            span.end()
 
-            async def send_with_status(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    status: int = message["status"]
-                    span.set_attribute("http.response.status_code", status)
-                    if status >= 500:
-                        span.set_status(Status(StatusCode.ERROR))
-                await send(message)
+    async def _recorded(self, span: Span, method: str, scope: Scope, receive: Receive, send: Send) -> None:
+        span.set_attributes(
+            {"http.request.method": method, "url.path": scope["path"], "url.scheme": scope.get("scheme", "http")}
+        )
 
-            try:
-                await self.app(scope, receive, send_with_status)
-            finally:
-                route = getattr(scope.get("route"), "path", None)
-                if route:
-                    span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
+        async def send_with_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status: int = message["status"]
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        except BaseException as exc:  # as start_as_current_span records it, then re-raise
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            route = getattr(scope.get("route"), "path", None)
+            if route:
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
 
 
 class TracedFastAPI(FastAPI):
