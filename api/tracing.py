@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi._body_limit import AppBodyLimitMiddleware
 from fastapi.telemetry import TelemetryConfig
+from fastapi.telemetry._asgi import ExceptionTelemetryMiddleware
 from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -25,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 _PROPAGATOR = TraceContextTextMapPropagator()
 NATIVE_TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 _TRACE_HEADERS = {b"traceparent": "traceparent", b"tracestate": "tracestate"}
+_NATIVE_LAYERS = (ExceptionTelemetryMiddleware, AppBodyLimitMiddleware)
 
 
 def _remote_parent(headers: list[tuple[bytes, bytes]]) -> Context | None:
@@ -100,4 +103,15 @@ class TracedFastAPI(FastAPI):
         super().__init__(telemetry=NATIVE_TELEMETRY_OFF, **kwargs)
 
     def build_middleware_stack(self) -> ASGIApp:
-        return ServerSpanMiddleware(super().build_middleware_stack(), self.server_tracer)
+        return ServerSpanMiddleware(_without_native_layers(super().build_middleware_stack()), self.server_tracer)
+
+
+def _without_native_layers(stack: ASGIApp) -> ASGIApp:
+    """FastAPI's stack without its own exception-telemetry and body-limit layers, which run on every
+    request beside ours: with its telemetry off the first only re-raises, and with no
+    `max_body_size` the second only passes through (api/bodylimit.py bounds bodies). They sit
+    right inside Starlette's ServerErrorMiddleware; a stack without them is returned as it is."""
+    outer: Any = stack
+    while type(outer.app) in _NATIVE_LAYERS:
+        outer.app = outer.app.app
+    return stack
