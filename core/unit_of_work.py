@@ -6,7 +6,10 @@ from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import greenlet_spawn
 
 from core.logging import describe
 from core.transient import CONNECTION_ERRORS
@@ -33,7 +36,7 @@ class DriverUnitOfWork:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._pooled: AsyncConnection | None = None
+        self._pooled: PoolProxiedConnection | None = None
         self._transaction: Any = None
         self._connection: asyncpg.Connection | None = None
 
@@ -44,10 +47,9 @@ class DriverUnitOfWork:
         return self._connection
 
     async def __aenter__(self) -> Self:
-        pooled = self._pooled = await self._engine.connect()
+        pooled = self._pooled = await _checkout(self._engine)
         try:
-            raw = await pooled.get_raw_connection()
-            self._connection = raw.driver_connection
+            self._connection = pooled.driver_connection
             self._transaction = self.connection.transaction()
             await self._transaction.start()
         except BaseException as exc:
@@ -56,8 +58,7 @@ class DriverUnitOfWork:
             # or BEGIN was cut off half-way (cancelled) and the driver's state is unknown.
             # Either way it must not go back to the pool, where the next request would fail
             # on it too.
-            await pooled.invalidate()
-            await pooled.close()
+            await greenlet_spawn(_release, pooled, True)
             if isinstance(exc, Exception):
                 raise ConnectionUnusable(f"could not start a transaction: {describe(exc)}") from exc
             raise
@@ -82,14 +83,33 @@ class DriverUnitOfWork:
             # The connection broke under the failing block: its error is the one to report.
         finally:
             if pooled is not None:
-                if broken:
-                    # SQLAlchemy never saw this error (it came from the driver), so tell the
-                    # pool: the connection is discarded instead of handed to the next request.
-                    await pooled.invalidate()
-                await pooled.close()
+                # SQLAlchemy never saw the driver's error, so a broken connection is discarded
+                # here instead of handed to the next request.
+                await greenlet_spawn(_release, pooled, broken)
         if isinstance(exc, asyncpg.InternalClientError):
             raise ConnectionUnusable(f"the connection broke: {describe(exc)}") from exc
 
     async def commit(self) -> None:
         await self._transaction.commit()
         self._transaction = None
+
+
+async def _checkout(engine: AsyncEngine) -> PoolProxiedConnection:
+    """A connection from the engine's pool, as the pool's own proxy: no SQLAlchemy Connection
+    around it (its construction, events and teardown cost more than the checkout itself).
+
+    Errors come as engine.connect() raises them: the driver's, wrapped in SQLAlchemy's DBAPIError
+    family (so a database that refuses the connection is still "unavailable", not a bug).
+    """
+    try:
+        return await engine.raw_connection()
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise sa_exc.DBAPIError.instance(None, None, exc, engine.dialect.loaded_dbapi.Error) from exc
+
+
+def _release(pooled: PoolProxiedConnection, broken: bool) -> None:
+    """Give the connection back to the pool; a broken one is closed and forgotten instead (the
+    pool opens a fresh one). Runs in greenlet_spawn: the pool may wait on the driver."""
+    if broken:
+        pooled.invalidate()
+    pooled.close()
