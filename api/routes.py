@@ -11,8 +11,10 @@ import logging
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import Field, TypeAdapter, ValidationError
 from sqlalchemy import text
 
 from api.dependencies import AccountHolder, Caller, Operator, State
@@ -40,7 +42,40 @@ router = APIRouter(prefix="/api/v1")
 health = APIRouter(prefix="/health", tags=["health"])
 
 # Visible ASCII: what an HTTP header carries safely, and what the database stores as given.
-IDEMPOTENCY_KEY = {"min_length": 1, "max_length": 255, "pattern": r"^[\x21-\x7e]+$"}
+IDEMPOTENCY_HEADER = "idempotency-key"
+_IDEMPOTENCY_KEY: TypeAdapter[str] = TypeAdapter(
+    Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")]
+)
+
+
+def _idempotency_header(*, required: bool) -> dict[str, Any]:
+    """The header's entry in a route's OpenAPI document (`openapi_extra`)."""
+    schema = {
+        "name": IDEMPOTENCY_HEADER,
+        "in": "header",
+        "required": required,
+        "schema": _IDEMPOTENCY_KEY.json_schema(),
+    }
+    return {"parameters": [schema]}
+
+
+def _idempotency_key(request: Request, *, required: bool) -> str | None:
+    """The request's Idempotency-Key, validated and refused (422) as FastAPI does a header parameter.
+
+    Read here rather than declared as a `Header` parameter: FastAPI's parameter machinery cost a
+    transfer more CPU per request (about 5%) than the key's own check.
+    """
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    location = ("header", IDEMPOTENCY_HEADER)
+    if value is None:
+        if required:
+            raise RequestValidationError([{"type": "missing", "loc": location, "msg": "Field required", "input": None}])
+        return None
+    try:
+        return _IDEMPOTENCY_KEY.validate_python(value)
+    except ValidationError as exc:
+        errors = [{**error, "loc": (*location, *error["loc"])} for error in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -55,15 +90,13 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     response_model=TransactionOut,
     responses=_errors(403, 404, 409),
     tags=["transactions"],
+    openapi_extra=_idempotency_header(required=False),
 )
-async def transfer(
-    body: TransferCreate,
-    call: AccountHolder,
-    idempotency_key: Annotated[str | None, Header(**IDEMPOTENCY_KEY)] = None,
-) -> TransactionOut:
+async def transfer(body: TransferCreate, call: AccountHolder, http_request: Request) -> TransactionOut:
     """Move money out of one of the caller's accounts. A repeat with the same Idempotency-Key returns
     the original answer (201, same body)."""
-    request = TransferRequest(body.from_account_id, body.to_account_id, body.amount, idempotency_key)
+    key = _idempotency_key(http_request, required=False)
+    request = TransferRequest(body.from_account_id, body.to_account_id, body.amount, key)
     result = await call.state.ledger.transfer(request, call.caller)
     if call.state.metrics is not None:
         call.state.metrics.transfer_answered(created=result.created)
@@ -106,15 +139,13 @@ async def read_account(account_id: UUID, call: Caller) -> AccountOut:
     response_model=TransactionOut,
     responses=_errors(403, 404, 409),
     tags=["accounts"],
+    openapi_extra=_idempotency_header(required=True),
 )
-async def deposit(
-    account_id: UUID,
-    body: DepositCreate,
-    call: Operator,
-    idempotency_key: Annotated[str, Header(**IDEMPOTENCY_KEY)],
-) -> TransactionOut:
+async def deposit(account_id: UUID, body: DepositCreate, call: Operator, http_request: Request) -> TransactionOut:
     """Money enters only here. A repeat with the same Idempotency-Key returns the original deposit."""
-    request = DepositRequest(account_id, body.amount, idempotency_key)
+    key = _idempotency_key(http_request, required=True)
+    assert key is not None  # required: a missing key was refused
+    request = DepositRequest(account_id, body.amount, key)
     result = await call.state.ledger.deposit(request, call.caller)
     return TransactionOut.model_validate(result.transaction)
 
