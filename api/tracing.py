@@ -15,9 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi._body_limit import AppBodyLimitMiddleware
 from fastapi.telemetry import TelemetryConfig
-from fastapi.telemetry._asgi import ExceptionTelemetryMiddleware
 from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -27,7 +25,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 _PROPAGATOR = TraceContextTextMapPropagator()
 NATIVE_TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 _TRACE_HEADERS = {b"traceparent": "traceparent", b"tracestate": "tracestate"}
-_NATIVE_LAYERS = (ExceptionTelemetryMiddleware, AppBodyLimitMiddleware)
+try:  # private modules: a FastAPI that moves them keeps its layers (slower, not wrong)
+    from fastapi._body_limit import AppBodyLimitMiddleware
+    from fastapi.telemetry._asgi import ExceptionTelemetryMiddleware
+
+    _NATIVE_LAYERS: tuple[type, ...] = (ExceptionTelemetryMiddleware, AppBodyLimitMiddleware)
+except ImportError:
+    _NATIVE_LAYERS = ()
 
 
 def _remote_parent(headers: list[tuple[bytes, bytes]]) -> Context | None:
