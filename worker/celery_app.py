@@ -27,6 +27,8 @@ CELERY_PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
 # How many times the worker retries storing a result while the result backend is down
 # (Celery sleeps 10 ms doubling to 10 s between tries: about two minutes in all).
 RESULT_BACKEND_MAX_RETRIES = 20
+# CELERY_WORKER_POOL's values: Celery's own pools by their names, ours by its class.
+WORKER_POOLS = {"asyncio": "worker.pool:AsyncioPool", "threads": "threads", "prefork": "prefork", "solo": "solo"}
 
 
 class WorkerApp(Celery):  # type: ignore[misc]
@@ -35,6 +37,7 @@ class WorkerApp(Celery):  # type: ignore[misc]
     def __init__(self, context: WorkerContext, **options: Any) -> None:
         super().__init__("outbox_worker", **options)
         self.context = context
+        self.observer: observability.RunObserver | None = None  # set by observability.install
 
 
 def check_time_limits(settings: Settings) -> None:
@@ -128,8 +131,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Task events serve only Flower and `celery events`, and cost a broker publish per state
         # change: off unless CELERY_TASK_EVENTS=true (the compose monitoring profile turns them on).
         "worker_send_task_events": settings.celery_task_events,
-        # I/O-bound tasks: threads keep many in flight in one process (see README).
-        "worker_pool": settings.celery_worker_pool,
+        # I/O-bound tasks: the asyncio pool keeps many in flight in one process (see README).
+        "worker_pool": WORKER_POOLS[settings.celery_worker_pool],
         "worker_concurrency": settings.celery_worker_concurrency,
     }
 

@@ -1,10 +1,11 @@
-"""The worker's database access: one asyncpg pool per process, driven from sync Celery tasks.
+"""The worker's database access and event loop: one asyncio loop and one asyncpg pool per process.
 
-Tasks are plain functions run by the pool's threads. Each worker *process* runs one asyncio
-event loop in a background thread and one asyncpg pool on it; every task thread hands its
-coroutine to that loop and waits. The loop and pool are created on first use and again after
-a fork (prefork children must not share the parent's connections). The statements themselves
-are core.outbox.queries'; this module only decides how connections are made and bounded.
+Each worker *process* runs one asyncio event loop in a background thread and one asyncpg pool on
+it. A task's work is a coroutine run on that loop: the asyncio pool (worker.pool) hands it over and
+is called back when it ends; a task run by another pool (threads, prefork, solo) hands it over and
+waits. The loop and pool are created on first use and again after a fork (prefork children must
+not share the parent's connections). The statements themselves are core.outbox.queries'; this
+module only decides how connections are made and bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -30,7 +32,7 @@ STATEMENT_TIMEOUT_MS = 10_000  # PostgreSQL cancels a statement after this
 # RELAY_IDLE_TRANSACTION_TIMEOUT ends its session), and no task should wait that out.
 LOCK_TIMEOUT_MS = 2_000
 CALL_TIMEOUT = 30.0  # a whole call, including waiting for a pooled connection
-_IN_FLIGHT_POOLS = frozenset({"threads"})
+_IN_FLIGHT_POOLS = frozenset({"threads", "asyncio"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class PoolOptions:
 def pool_options(settings: Settings) -> PoolOptions:
     """Pool options: at most WORKER_DB_POOL_SIZE connections per process, fewer if it runs fewer tasks.
 
-    The threads pool runs CELERY_WORKER_CONCURRENCY tasks in one process, most of them waiting on
+    The asyncio and threads pools run CELERY_WORKER_CONCURRENCY tasks in one process, most of them waiting on
     the mail server or the audit system, each holding a connection only for the few milliseconds of
     a statement: a few connections serve hundreds of slots (a task waits for a free one within
     CALL_TIMEOUT). A prefork child or solo worker runs one task at a time. Connections open on
@@ -82,8 +84,11 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 
 class _LoopThread:
-    def __init__(self) -> None:
+    def __init__(self, blocking_threads: int) -> None:
         self.loop = _new_loop()
+        # The loop's executor runs what cannot be awaited (an SMTP conversation, smtplib being
+        # blocking): one thread per task slot at most, started only when needed.
+        self.loop.set_default_executor(ThreadPoolExecutor(blocking_threads, thread_name_prefix="worker-blocking"))
         self.thread = threading.Thread(target=self.loop.run_forever, name="worker-db-loop", daemon=True)
         self.thread.start()
 
@@ -105,23 +110,30 @@ class WorkerDatabase:
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
 
-    def run(self, operation: Callable[[asyncpg.Pool], Awaitable[T]], *, timeout: float = CALL_TIMEOUT) -> T:
+    def run(self, operation: Callable[[asyncpg.Pool], Awaitable[T]], *, timeout: float | None = CALL_TIMEOUT) -> T:
         """Run `operation(pool)` on the process's loop and return its result.
 
         Raises what the operation raises, or TimeoutError after `timeout` seconds (the
-        operation is then cancelled). Safe to call from any number of threads at once.
+        operation is then cancelled; None: no bound). Safe to call from any number of threads
+        at once, but never from the loop itself (it would wait for itself).
         """
-        loop = self._ensure_started()
-
-        async def call() -> T:
-            return await operation(await self._started_pool())
-
-        future = asyncio.run_coroutine_threadsafe(call(), loop.loop)
+        future = self.submit(operation)
         try:
             return future.result(timeout)
         except TimeoutError:
             future.cancel()
             raise
+
+    def submit(self, operation: Callable[[asyncpg.Pool], Awaitable[T]]) -> Future[T]:
+        """Start `operation(pool)` on the process's loop; its future holds its result or error.
+
+        The coroutine runs in a copy of the caller's context (contextvars: the current span)."""
+        loop = self._ensure_started()
+
+        async def call() -> T:
+            return await operation(await self._started_pool())
+
+        return asyncio.run_coroutine_threadsafe(call(), loop.loop)
 
     def close(self) -> None:
         """Close the pool's connections and stop the loop thread (idempotent)."""
@@ -141,7 +153,7 @@ class WorkerDatabase:
             if self._pid != os.getpid() or self._loop is None:
                 # After a fork the parent's loop thread does not exist here and its connections
                 # belong to the parent: start afresh, leaving the parent's objects untouched.
-                self._loop = _LoopThread()
+                self._loop = _LoopThread(self._settings.celery_worker_concurrency)
                 self._pool = None
                 self._pool_lock = asyncio.Lock()
                 self._pid = os.getpid()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import smtplib
 import socket
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
+from functools import partial
 from typing import Any
 
 from core.settings import Settings, reveal
@@ -63,12 +65,11 @@ def send_email(settings: Settings, compose: Callable[[], EmailMessage], *, deadl
     that the server may have accepted it.
     """
     if not settings.smtp_host:
-        left = deadline - time.monotonic()
-        if settings.email_send_delay > left:
-            time.sleep(max(left, 0.0))
-            raise SendDeadlineExceeded(f"the simulated send ({settings.email_send_delay}s) outlasts its deadline")
-        if settings.email_send_delay:
-            time.sleep(settings.email_send_delay)
+        pause, error = _simulated_send(settings, deadline)
+        if pause:
+            time.sleep(pause)
+        if error is not None:
+            raise error
         return
     message = compose()
     smtp = _TrackedSMTP(timeout=_step_timeout(settings, deadline))
@@ -88,6 +89,29 @@ def send_email(settings: Settings, compose: Callable[[], EmailMessage], *, deadl
         # Not `with SMTP(...)`: its exit sends QUIT even after an error, and a reply left
         # unread by the error then surfaces as a confusing exception that hides the real one.
         smtp.close()
+
+
+async def send_email_async(settings: Settings, compose: Callable[[], EmailMessage], *, deadline: float) -> None:
+    """send_email for a coroutine: the simulated send is awaited; an SMTP conversation (smtplib
+    blocks) runs in a thread of the loop's executor. Same bounds, same errors."""
+    if not settings.smtp_host:
+        pause, error = _simulated_send(settings, deadline)
+        if pause:
+            await asyncio.sleep(pause)
+        if error is not None:
+            raise error
+        return
+    await asyncio.get_running_loop().run_in_executor(None, partial(send_email, settings, compose, deadline=deadline))
+
+
+def _simulated_send(settings: Settings, deadline: float) -> tuple[float, SendDeadlineExceeded | None]:
+    """How long the simulated send takes, and its error if it would outlast `deadline`."""
+    left = deadline - time.monotonic()
+    if settings.email_send_delay > left:
+        return max(left, 0.0), SendDeadlineExceeded(
+            f"the simulated send ({settings.email_send_delay}s) outlasts its deadline"
+        )
+    return settings.email_send_delay, None
 
 
 def _converse(settings: Settings, smtp: _TrackedSMTP, message: EmailMessage, deadline: float) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from celery import Celery, Task, signals
@@ -29,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from core.metrics import MetricsServer, new_registry, start_metrics_server
 from core.settings import Settings
 from core.telemetry import WORKER_SERVICE, configure_tracing, context_from_traceparent, flush_tracing
+from worker import prepared
 
 TASK_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 COMPLETION_LATENCY_BUCKETS = (
@@ -74,30 +77,77 @@ class WorkerMetrics:
         )
 
 
-def absorbed(task: Task, result: _T) -> _T:
-    """For a task that found its effect already made (a redelivery or a re-publish): counts the run as
-    an absorbed duplicate (and not as a completion) and returns `result`, the stored result it returns."""
-    setattr(task.request, _ABSORBED, True)
+def absorbed(request: Any, result: _T) -> _T:
+    """For a task that found its effect already made (a redelivery or a re-publish): counts the run
+    whose `request` this is as an absorbed duplicate (and not as a completion) and returns `result`,
+    the stored result it returns."""
+    setattr(request, _ABSORBED, True)
     return result
 
 
-def _header(task: Task, name: str) -> Any:
-    return (task.request.headers or {}).get(name) or getattr(task.request, name, None)
+def was_absorbed(request: Any) -> bool:
+    return bool(getattr(request, _ABSORBED, False))
+
+
+def _header(request: Any, name: str) -> Any:
+    return (request.headers or {}).get(name) or getattr(request, name, None)
 
 
 class _Run:
     __slots__ = ("span", "started", "token")
 
-    def __init__(self, span: Span, token: object, started: float) -> None:
-        self.span, self.token, self.started = span, token, started
+    def __init__(self, span: Span, started: float) -> None:
+        self.span, self.started = span, started
+        self.token: object = None
+
+
+class RunObserver:
+    """Begins a task run's span and clock. Under the asyncio pool (worker.pool) a run begins when its
+    coroutine is handed to the loop, before Celery's trace; otherwise in task_prerun."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self._app, self._queue = app, settings.celery_task_queue
+        self._tracer = trace.get_tracer("worker")
+
+    def begin(self, task: Task, request: Any) -> _Run:
+        parent = context_from_traceparent(_header(request, TRACEPARENT_HEADER))
+        provider = getattr(self._app, "tracer_provider", None)  # tests give the app a provider of their own
+        task_tracer = provider.get_tracer("worker") if provider else self._tracer
+        span = task_tracer.start_span(f"process {task.name}", context=parent, kind=SpanKind.CONSUMER)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "messaging.system": "celery",
+                    "messaging.operation.type": "process",
+                    "messaging.operation.name": "process",
+                    "messaging.destination.name": self._queue,
+                    "messaging.message.id": request.id,
+                    "celery.task_name": task.name,
+                    "celery.retries": request.retries or 0,
+                }
+            )
+        return _Run(span, time.perf_counter())
+
+    @contextmanager
+    def current(self, run: _Run | None) -> Iterator[None]:
+        """Make `run`'s span the current one in this thread (and in coroutines handed to the loop)."""
+        if run is None:
+            yield
+            return
+        token = otel_context.attach(trace.set_span_in_context(run.span))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
 
 
 def install(app: Celery, settings: Settings, metrics: WorkerMetrics | None = None) -> WorkerMetrics | None:
-    """Connect the metrics and tracing handlers for `app`'s tasks; returns the metrics (None when
-    WORKER_METRICS_PORT is 0 and none are given). Handlers ignore tasks of other apps."""
+    """Connect the metrics and tracing handlers for `app`'s tasks and give it its RunObserver
+    (`app.observer`); returns the metrics (None when WORKER_METRICS_PORT is 0 and none are given).
+    Handlers ignore tasks of other apps."""
     if metrics is None and settings.worker_metrics_port:
         metrics = WorkerMetrics()
-    tracer = trace.get_tracer("worker")
+    observer = app.observer = RunObserver(app, settings)
     server: list[MetricsServer] = []
 
     def ours(sender: Any) -> bool:
@@ -125,24 +175,10 @@ def install(app: Celery, settings: Settings, metrics: WorkerMetrics | None = Non
     def prerun(sender: Any = None, task_id: str = "", task: Any = None, **_: Any) -> None:
         if not ours(task):
             return
-        parent = context_from_traceparent(_header(task, TRACEPARENT_HEADER))
-        provider = getattr(app, "tracer_provider", None)  # tests give the app a provider of their own
-        task_tracer = provider.get_tracer("worker") if provider else tracer
-        span = task_tracer.start_span(f"process {task.name}", context=parent, kind=SpanKind.CONSUMER)
-        if span.is_recording():
-            span.set_attributes(
-                {
-                    "messaging.system": "celery",
-                    "messaging.operation.type": "process",
-                    "messaging.operation.name": "process",
-                    "messaging.destination.name": settings.celery_task_queue,
-                    "messaging.message.id": task_id,
-                    "celery.task_name": task.name,
-                    "celery.retries": task.request.retries or 0,
-                }
-            )
-        token = otel_context.attach(trace.set_span_in_context(span))
-        setattr(task.request, _RUN, _Run(span, token, time.perf_counter()))
+        handed = prepared.current(task_id)  # under the asyncio pool, the run began with its coroutine
+        run = handed.observed if handed is not None and handed.observed else observer.begin(task, task.request)
+        run.token = otel_context.attach(trace.set_span_in_context(run.span))
+        setattr(task.request, _RUN, run)
 
     def postrun(sender: Any = None, task_id: str = "", task: Any = None, state: str | None = None, **_: Any) -> None:
         if not ours(task):
@@ -154,7 +190,7 @@ def install(app: Celery, settings: Settings, metrics: WorkerMetrics | None = Non
         if metrics is not None:
             metrics.duration.labels(task.name).observe(elapsed)
         outcome = _OUTCOMES.get(state or "", str(state).lower())
-        duplicate = getattr(task.request, _ABSORBED, False)
+        duplicate = was_absorbed(task.request)
         logger.info(
             "%s[%s] %s in %.3fs%s",
             task.name,
@@ -174,10 +210,10 @@ def install(app: Celery, settings: Settings, metrics: WorkerMetrics | None = Non
             return
         name = sender.name
         metrics.tasks.labels(name, SUCCEEDED).inc()
-        if getattr(sender.request, _ABSORBED, False):
+        if was_absorbed(sender.request):
             metrics.duplicates.labels(name).inc()
             return  # its completion was counted when its effect was made
-        created_at = _header(sender, CREATED_AT_HEADER)
+        created_at = _header(sender.request, CREATED_AT_HEADER)
         if isinstance(created_at, int | float):
             metrics.completion.labels(name).observe(max(time.time() - created_at, 0.0))
 

@@ -8,23 +8,26 @@ task that fails for good marks its outbox row `failed`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+import asyncpg
 from celery import Celery, Task
-from celery.exceptions import Retry
 
 from core.backoff import backoff_delay
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.outbox.states import RunState
 from core.settings import Settings
+from worker import prepared
 from worker.arguments import AuditArguments, EmailArguments, parse_arguments
 from worker.context import WorkerContext
-from worker.db import WorkerDatabase
+from worker.db import CALL_TIMEOUT, WorkerDatabase
 from worker.effects import (
     begin_email,
     complete_outbox,
@@ -37,11 +40,13 @@ from worker.effects import (
     write_audit_once,
 )
 from worker.errors import DeliveryUncertain, InvalidTaskArguments, PermanentDeliveryError
-from worker.mailer import build_message, send_email
-from worker.observability import absorbed
+from worker.mailer import build_message, send_email_async
+from worker.observability import absorbed, was_absorbed
 from worker.retry import is_permanent_smtp_error, is_transient
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_T = TypeVar("_T")
 
 # After the email is sent, recording it is retried in place this many times (seconds between),
 # then by a task retry that carries the lease's token (SENT_LEASE), so that the retry records the
@@ -56,27 +61,33 @@ LEASE_WAITS = "outbox_lease_waits"  # retries spent waiting for a duplicate's le
 SENT_LEASE = "outbox_sent_lease"  # the lease token of an email that was sent but not yet recorded
 
 
-class OutboxTask(Task):  # type: ignore[misc]
-    """Base of the tasks: their context (settings, database), retry policy and failure marking.
+class RetryRequested(Exception):
+    """Raised by a task's coroutine for Celery's retry, which its function then asks for (a retry
+    publishes a message, which only Celery's trace thread does)."""
 
-    register_tasks() derives one subclass per app, bound to that app's context.
-    """
+    def __init__(
+        self, countdown: float, max_retries: int, headers: dict[str, Any] | None, exc: BaseException | None
+    ) -> None:
+        super().__init__(f"retry in {countdown:.1f}s")
+        self.countdown, self.max_retries, self.headers, self.exc = countdown, max_retries, headers, exc
 
-    # Expected failures: the result backend shows FAILURE, the log shows no traceback.
-    throws = (InvalidTaskArguments, PermanentDeliveryError)
-    context: ClassVar[WorkerContext]
 
-    @classmethod
-    def bound_to(cls, context: WorkerContext) -> type[OutboxTask]:
-        return type("OutboxTask", (cls,), {"context": context})
+class Delivery:
+    """One delivery of a task, as its coroutine sees it: the request (id, retries, headers), the
+    settings, the process's connection pool, and the retry policy."""
 
-    @property
-    def settings(self) -> Settings:
-        return self.context.settings
+    def __init__(self, task: OutboxTask, request: Any, pool: asyncpg.Pool) -> None:
+        self.name: str = task.name
+        self.settings = task.settings
+        self.max_retries: int = task.max_retries
+        self.request = request
+        self.task_id: str = request.id
+        self.pool = pool
 
-    @property
-    def database(self) -> WorkerDatabase:
-        return self.context.database
+    async def call(self, operation: Callable[..., Awaitable[T]], **arguments: Any) -> T:
+        """`operation(pool, **arguments)`, bounded like any database call of the worker (CALL_TIMEOUT)."""
+        async with asyncio.timeout(CALL_TIMEOUT):
+            return await operation(self.pool, **arguments)
 
     def header(self, name: str) -> Any:
         return (self.request.headers or {}).get(name)
@@ -95,23 +106,23 @@ class OutboxTask(Task):  # type: ignore[misc]
         retries: int = self.request.retries
         return retries - self.lease_waits()
 
-    def _retry(
+    async def _retry(
         self, countdown: float, *, max_retries: int, headers: dict[str, Any], exc: BaseException | None = None
-    ) -> Retry:
-        self.keep_alive(countdown)
+    ) -> RetryRequested:
+        await self.keep_alive(countdown)
         merged = {**(self.request.headers or {}), LEASE_WAITS: self.lease_waits(), **headers}
-        return self.retry(exc=exc, countdown=countdown, max_retries=max_retries, headers=merged)
+        return RetryRequested(countdown, max_retries, merged, exc)
 
-    def retry_later(self, error: BaseException, headers: dict[str, Any] | None = None) -> Retry:
-        """Schedule a retry after an exponential, jittered pause. Raises `error` itself once
-        CELERY_TASK_MAX_RETRIES transient failures are used up (then on_failure marks the row failed)."""
+    async def retry_later(self, error: BaseException, headers: dict[str, Any] | None = None) -> RetryRequested:
+        """A retry after an exponential, jittered pause. Once CELERY_TASK_MAX_RETRIES transient failures
+        are used up, Celery raises `error` itself instead (then on_failure marks the row failed)."""
         failures, waits = self.transient_failures(), self.lease_waits()
         countdown = backoff_delay(failures + 1, base=1.0, cap=self.settings.celery_retry_backoff_max)
-        extra = {"task_id": self.request.id, "task_name": self.name}
+        extra = {"task_id": self.task_id, "task_name": self.name}
         if failures >= self.max_retries:
             logger.warning("%s: retries used up (%d)", self.name, self.max_retries, extra=extra)
             # Celery raises `error` (retries would exceed max_retries) and sends nothing.
-            return self.retry(exc=error, countdown=countdown, max_retries=waits + self.max_retries)
+            return RetryRequested(countdown, waits + self.max_retries, None, error)
         logger.warning(
             "%s: transient failure, retry %d/%s in %.1fs: %s: %s",
             self.name,
@@ -122,9 +133,9 @@ class OutboxTask(Task):  # type: ignore[misc]
             error,
             extra=extra,
         )
-        return self._retry(countdown, max_retries=waits + self.max_retries, headers=headers or {}, exc=error)
+        return await self._retry(countdown, max_retries=waits + self.max_retries, headers=headers or {}, exc=error)
 
-    def wait_for_lease(self, lease_left: float) -> Retry:
+    async def wait_for_lease(self, lease_left: float) -> RetryRequested:
         """Come back when another delivery's lease runs out; not counted as a failure."""
         countdown = min(lease_left + backoff_delay(1, base=1.0, cap=1.0), self.settings.celery_retry_backoff_max)
         waits = self.lease_waits() + 1
@@ -133,26 +144,25 @@ class OutboxTask(Task):  # type: ignore[misc]
             self.name,
             countdown,
             waits,
-            extra={"task_id": self.request.id, "task_name": self.name},
+            extra={"task_id": self.task_id, "task_name": self.name},
         )
-        return self._retry(countdown, max_retries=self.request.retries + 1, headers={LEASE_WAITS: waits})
+        return await self._retry(countdown, max_retries=self.request.retries + 1, headers={LEASE_WAITS: waits})
 
-    def keep_alive(self, countdown: float) -> None:
+    async def keep_alive(self, countdown: float) -> None:
         """Keep this delivery counted as alive on its outbox row across a retry's countdown, so the
         reconciler does not take it for a dead one. Best effort: a delivery taken for dead is only
         re-published, and its duplicate recognised."""
         seconds = countdown + self.settings.celery_task_time_limit
         try:
-            self.database.run(partial(extend_delivery, task_id=self.request.id, seconds=seconds))
+            await self.call(extend_delivery, task_id=self.task_id, seconds=seconds)
         except Exception:
-            logger.info("could not extend the delivery's lease", exc_info=True, extra={"task_id": self.request.id})
+            logger.info("could not extend the delivery's lease", exc_info=True, extra={"task_id": self.task_id})
 
-    def complete(self) -> None:
+    async def complete(self) -> None:
         """Complete the outbox row after the effect's record committed; never holds up the result."""
-        task_id = self.request.id
         for pause in (*_COMPLETE_PAUSES, None):
             try:
-                self.database.run(partial(complete_outbox, task_id=task_id))
+                await self.call(complete_outbox, task_id=self.task_id)
                 return
             except Exception as error:
                 if pause is None:
@@ -161,10 +171,69 @@ class OutboxTask(Task):  # type: ignore[misc]
                         "reconciler completes it",
                         type(error).__name__,
                         error,
-                        extra={"task_id": task_id, "task_name": self.name},
+                        extra={"task_id": self.task_id, "task_name": self.name},
                     )
                     return
-                time.sleep(pause)
+                await asyncio.sleep(pause)
+
+    def absorbed(self, result: _T) -> _T:
+        """`result`, the stored result of an effect that already existed (see observability.absorbed)."""
+        return absorbed(self.request, result)
+
+
+Work = Callable[[Delivery, tuple[Any, ...], dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class OutboxTask(Task):  # type: ignore[misc]
+    """Base of the tasks: their context (settings, database), their work and failure marking.
+
+    register_tasks() derives one subclass per app, bound to that app's context, and one per task,
+    holding its work (`work`, a coroutine function of a Delivery).
+    """
+
+    # Expected failures: the result backend shows FAILURE, the log shows no traceback.
+    throws = (InvalidTaskArguments, PermanentDeliveryError)
+    context: ClassVar[WorkerContext]
+    work: ClassVar[Work]
+
+    @classmethod
+    def bound_to(cls, context: WorkerContext) -> type[OutboxTask]:
+        return type("OutboxTask", (cls,), {"context": context})
+
+    @property
+    def settings(self) -> Settings:
+        return self.context.settings
+
+    @property
+    def database(self) -> WorkerDatabase:
+        return self.context.database
+
+    def coroutine(
+        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[[asyncpg.Pool], Awaitable[dict[str, Any]]]:
+        """The delivery's work, for WorkerDatabase to run on the loop with the process's pool."""
+
+        async def perform(pool: asyncpg.Pool) -> dict[str, Any]:
+            return await type(self).work(Delivery(self, request, pool), args, kwargs)
+
+        return perform
+
+    def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The task's function: the result of its work, run on the loop (by the asyncio pool before
+        this trace, or now while this thread waits), or the retry its work asked for."""
+        handed = prepared.current(self.request.id)
+        try:
+            if handed is None:
+                return self.database.run(self.coroutine(self.request, args, kwargs), timeout=None)
+            assert handed.future is not None
+            if was_absorbed(handed.request):
+                absorbed(self.request, None)
+            result: dict[str, Any] = handed.future.result()
+            return result
+        except RetryRequested as retry:
+            raise self.retry(
+                exc=retry.exc, countdown=retry.countdown, max_retries=retry.max_retries, headers=retry.headers
+            ) from None
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Mark the outbox row failed. Best effort: if the database is down too, the relay's
@@ -179,45 +248,44 @@ class OutboxTask(Task):  # type: ignore[misc]
         logger.error("%s failed for good (outbox row marked: %s): %s", self.name, marked, error, extra=extra)
 
 
-def _started(task: OutboxTask) -> dict[str, Any] | None:
+async def _started(delivery: Delivery) -> dict[str, Any] | None:
     """Record the delivery's start; the stored result if the task id's effect is already done."""
-    lease = task.settings.celery_task_time_limit
-    stored = task.database.run(partial(start_delivery, task_id=task.request.id, lease_seconds=lease))
-    return absorbed(task, stored.result) if stored is not None and stored.state == RunState.DONE else None
+    lease = delivery.settings.celery_task_time_limit
+    stored = await delivery.call(start_delivery, task_id=delivery.task_id, lease_seconds=lease)
+    return delivery.absorbed(stored.result) if stored is not None and stored.state == RunState.DONE else None
 
 
-def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+async def send_transaction_email(delivery: Delivery, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Send the transfer notification once per task id; return the contract's result."""
     arguments = parse_arguments(EmailArguments, args, kwargs)
-    task_id: str = task.request.id
-    settings = task.settings
+    task_id, settings = delivery.task_id, delivery.settings
     extra = {"task_id": task_id, "task_name": SEND_TRANSACTION_EMAIL}
     # The recipient is personal data: INFO logs carry the task id (which finds the outbox row), not the address.
     logger.info("send_transaction_email amount=%s status=%s", arguments.amount, arguments.status, extra=extra)
     logger.debug("send_transaction_email to %s", arguments.email, extra=extra)
     result = {"success": True, "message": f"Transfer notification sent to {arguments.email}", "task_id": task_id}
-    sent_token = task.header(SENT_LEASE)
+    sent_token = delivery.header(SENT_LEASE)
     if isinstance(sent_token, str):  # an earlier run of this task sent it: record, never send again
-        return _record_sent(task, uuid.UUID(sent_token), result)
+        return await _record_sent(delivery, uuid.UUID(sent_token), result)
     try:
         started = time.monotonic()  # no later than the database's start of the lease
         lease = settings.celery_task_time_limit
-        done, claim = task.database.run(partial(begin_email, task_id=task_id, lease_seconds=lease))
+        done, claim = await delivery.call(begin_email, task_id=task_id, lease_seconds=lease)
     except Exception as error:
         if not is_transient(error):
             raise
-        raise task.retry_later(error) from None
+        raise await delivery.retry_later(error) from None
     if claim is None:  # a duplicate of a sent email
         assert done is not None
-        task.complete()
-        return absorbed(task, done)
+        await delivery.complete()
+        return delivery.absorbed(done)
     if claim.result is not None:
-        task.complete()
-        return absorbed(task, claim.result)
+        await delivery.complete()
+        return delivery.absorbed(claim.result)
     if claim.token is None:
         # A duplicate delivery is sending right now. Come back when its lease runs out: by then
         # it has recorded the email (we return its result) or died (we take over).
-        raise task.wait_for_lease(claim.retry_in)
+        raise await delivery.wait_for_lease(claim.retry_in)
     compose = partial(
         build_message,
         settings,
@@ -229,21 +297,21 @@ def send_transaction_email(task: OutboxTask, args: tuple[Any, ...], kwargs: dict
     try:
         # The whole send ends by the soft limit, before the lease (the hard limit) runs out, which
         # leaves the rest of the lease to record it.
-        send_email(settings, compose, deadline=started + settings.celery_task_soft_time_limit)
+        await send_email_async(settings, compose, deadline=started + settings.celery_task_soft_time_limit)
     except Exception as error:
-        _release_lease(task, claim.token, maybe_sent=isinstance(error, DeliveryUncertain))
+        await _release_lease(delivery, claim.token, maybe_sent=isinstance(error, DeliveryUncertain))
         if is_permanent_smtp_error(error):
             raise PermanentDeliveryError(f"the mail server refused the message: {error}") from error
         if not is_transient(error):
             raise
-        raise task.retry_later(error) from None
-    return _record_sent(task, claim.token, result)
+        raise await delivery.retry_later(error) from None
+    return await _record_sent(delivery, claim.token, result)
 
 
-def _release_lease(task: OutboxTask, token: uuid.UUID, *, maybe_sent: bool) -> None:
-    task_id = task.request.id
+async def _release_lease(delivery: Delivery, token: uuid.UUID, *, maybe_sent: bool) -> None:
+    task_id = delivery.task_id
     try:
-        released = task.database.run(partial(release_email_lease, task_id=task_id, token=token, maybe_sent=maybe_sent))
+        released = await delivery.call(release_email_lease, task_id=task_id, token=token, maybe_sent=maybe_sent)
     except Exception:  # the lease then simply runs out
         logger.warning("could not release the email lease", exc_info=True, extra={"task_id": task_id})
         return
@@ -251,32 +319,32 @@ def _release_lease(task: OutboxTask, token: uuid.UUID, *, maybe_sent: bool) -> N
         logger.warning("the email lease had been taken over; left to its holder", extra={"task_id": task_id})
 
 
-def _record_sent(task: OutboxTask, token: uuid.UUID, result: dict[str, Any]) -> dict[str, Any]:
+async def _record_sent(delivery: Delivery, token: uuid.UUID, result: dict[str, Any]) -> dict[str, Any]:
     """Record the sent email under the lease `token`, then complete the outbox row."""
-    task_id = task.request.id
+    task_id = delivery.task_id
     for pause in (*_RECORD_PAUSES, None):
         try:
-            recorded, completed = task.database.run(partial(finish_email, task_id=task_id, token=token, result=result))
+            recorded, completed = await delivery.call(finish_email, task_id=task_id, token=token, result=result)
             break
         except Exception as error:
             if not is_transient(error):
                 raise
             if pause is None:
                 # Sent, not recorded: the retry records it with this token instead of sending again.
-                raise task.retry_later(error, {SENT_LEASE: str(token)}) from None
-            time.sleep(pause)
+                raise await delivery.retry_later(error, {SENT_LEASE: str(token)}) from None
+            await asyncio.sleep(pause)
     if not recorded:
-        return _lost_lease(task, result)
+        return await _lost_lease(delivery, result)
     if not completed:
-        task.complete()
+        await delivery.complete()
     return result
 
 
-def _lost_lease(task: OutboxTask, result: dict[str, Any]) -> dict[str, Any]:
+async def _lost_lease(delivery: Delivery, result: dict[str, Any]) -> dict[str, Any]:
     """The send happened, but this delivery's lease was no longer its own when it came to record it."""
-    task_id = task.request.id
+    task_id = delivery.task_id
     try:
-        stored = task.database.run(partial(stored_result, task_id=task_id))
+        stored = await delivery.call(stored_result, task_id=task_id)
     except Exception:  # the email went out: this task succeeded whatever the record says
         logger.warning("could not read the email's record", exc_info=True, extra={"task_id": task_id})
         stored = None
@@ -286,14 +354,14 @@ def _lost_lease(task: OutboxTask, result: dict[str, Any]) -> dict[str, Any]:
             "the email was sent after its lease was taken over: it may go out twice",
             extra={"task_id": task_id, "task_name": SEND_TRANSACTION_EMAIL},
         )
-    task.complete()
+    await delivery.complete()
     return stored or result
 
 
-def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+async def audit_log_transaction(delivery: Delivery, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Write the audit row once per task id; return the contract's result."""
     arguments = parse_arguments(AuditArguments, args, kwargs)
-    task_id: str = task.request.id
+    task_id = delivery.task_id
     extra = {"task_id": task_id, "task_name": AUDIT_LOG_TRANSACTION, "transaction_id": arguments.transaction_id}
     logger.info("audit_log_transaction transaction_id=%s", arguments.transaction_id, extra=extra)
     if logger.isEnabledFor(logging.DEBUG):  # the whole record only when asked for: it costs per task
@@ -305,43 +373,45 @@ def audit_log_transaction(task: OutboxTask, args: tuple[Any, ...], kwargs: dict[
         "transaction_id": arguments.transaction_id,
     }
     try:
-        done = _started(task)  # a duplicate returns here, before the audit system's latency
-        if done is None:
-            if task.settings.audit_write_delay:  # the audit system's latency (sleep(0) costs a GIL handoff)
-                time.sleep(task.settings.audit_write_delay)
-            done, completed = task.database.run(
-                partial(
-                    write_audit_once,
-                    task_id=task_id,
-                    transaction_id=arguments.transaction_id,
-                    data=arguments.data,
-                    result=result,
-                )
+        duplicate = await _started(delivery)  # a duplicate returns here, before the audit system's latency
+        if duplicate is not None:
+            done, completed = duplicate, False
+        else:
+            if delivery.settings.audit_write_delay:  # the audit system's latency
+                await asyncio.sleep(delivery.settings.audit_write_delay)
+            done, completed = await delivery.call(
+                write_audit_once,
+                task_id=task_id,
+                transaction_id=arguments.transaction_id,
+                data=arguments.data,
+                result=result,
             )
-            if completed:
-                return done
     except Exception as error:
         if not is_transient(error):
             raise
-        raise task.retry_later(error) from None
-    task.complete()
+        raise await delivery.retry_later(error) from None
+    if not completed:
+        await delivery.complete()
     return done
 
 
 def register_tasks(app: Celery, context: WorkerContext) -> None:
     """Register both tasks on `app` under the contract's names, bound to `context`."""
+    base = OutboxTask.bound_to(context)
     options: dict[str, Any] = {
         "bind": True,
-        "base": OutboxTask.bound_to(context),
         "max_retries": context.settings.celery_task_max_retries,
         # Not shared: each app (tests build several) keeps its own tasks and their settings.
         "shared": False,
     }
 
-    @app.task(name=SEND_TRANSACTION_EMAIL, **options)  # type: ignore[untyped-decorator]
-    def _send_transaction_email(self: OutboxTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return send_transaction_email(self, args, kwargs)
+    def with_work(work: Work) -> type[OutboxTask]:
+        return type("OutboxTask", (base,), {"work": staticmethod(work)})
 
-    @app.task(name=AUDIT_LOG_TRANSACTION, **options)  # type: ignore[untyped-decorator]
+    @app.task(name=SEND_TRANSACTION_EMAIL, base=with_work(send_transaction_email), **options)  # type: ignore[untyped-decorator]
+    def _send_transaction_email(self: OutboxTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.execute(args, kwargs)
+
+    @app.task(name=AUDIT_LOG_TRANSACTION, base=with_work(audit_log_transaction), **options)  # type: ignore[untyped-decorator]
     def _audit_log_transaction(self: OutboxTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return audit_log_transaction(self, args, kwargs)
+        return self.execute(args, kwargs)

@@ -65,7 +65,7 @@ def start_worker(
     env: dict[str, str],
     *,
     queue: str,
-    pool: str = "threads",
+    pool: str = "asyncio",
     concurrency: int = 4,
     ready_timeout: float = 30.0,
     log_dir: Path | None = None,
@@ -79,6 +79,8 @@ def start_worker(
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="celery-worker-"))
     log_path = log_dir / f"{hostname.split('@')[0]}.log"
     worker_env = {**env, "CELERY_TASK_QUEUE": queue, "CELERY_WORKER_POOL": pool}
+    if pool == "asyncio":  # the default; Celery's CLI reads CELERY_WORKER_POOL too and knows only its own
+        del worker_env["CELERY_WORKER_POOL"]
     worker_env["CELERY_WORKER_CONCURRENCY"] = str(concurrency)
     command = [
         CELERY,
@@ -88,7 +90,7 @@ def start_worker(
         "--loglevel=info",
         f"--hostname={hostname}",
         f"--queues={queue}",
-        f"--pool={pool}",
+        *([] if pool == "asyncio" else [f"--pool={pool}"]),
         f"--concurrency={concurrency}",
         "--without-mingle",
         "--without-gossip",

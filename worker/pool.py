@@ -1,0 +1,131 @@
+"""The worker's default execution pool: each task's waits run on the process's asyncio loop.
+
+Celery's threads pool holds a thread for every task in flight: with the seed's delays (2 s for an
+email, 1 s for an audit record) 450 tasks are in flight at 150 transfers/s, and each of their
+database calls crosses from its thread to the loop and back. This pool runs a task in two steps:
+
+1. The task's coroutine (`OutboxTask.coroutine`) runs on the loop of the process's WorkerDatabase:
+   its statements, its simulated delays and its pauses are awaited there, so thousands can be in
+   flight with no thread each (CELERY_WORKER_CONCURRENCY bounds them, as the prefetch does).
+2. When it ends, Celery's own trace runs in one of a few threads (TRACE_THREADS) with the
+   coroutine's outcome handed over (`prepared`): the task's function returns the result or raises
+   what the coroutine raised, and Celery stores the result, retries, sends events, signals and
+   acknowledges exactly as for any other pool.
+
+Tasks without a coroutine (none of ours) run whole in those threads, as under the threads pool.
+Like the threads pool, it cannot stop a task: the tasks bound their own I/O. A warm shutdown waits
+for the tasks in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Any
+
+from celery.app.task import Context
+from celery.concurrency.base import BasePool, apply_target
+from kombu.serialization import loads, prepare_accept_content
+
+from worker import prepared
+
+# Threads that run Celery's trace of a finished coroutine: its result-backend write, the
+# acknowledgement and the signals, a fraction of a millisecond each. A few keep the CPU busy
+# without the GIL hand-offs of hundreds.
+TRACE_THREADS = 4
+
+
+class AsyncioPool(BasePool):  # type: ignore[misc]
+    """Runs `limit` tasks at once: their coroutines on the database loop, their traces in threads."""
+
+    body_can_be_buffer = True
+    signal_safe = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._traces = ThreadPoolExecutor(max_workers=min(self.limit or 1, TRACE_THREADS), thread_name_prefix="trace")
+        self._accept = prepare_accept_content(self.app.conf.accept_content)  # type: ignore[no-untyped-call]
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def on_apply(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | None = None,
+        accept_callback: Callable[..., Any] | None = None,
+        **_: Any,
+    ) -> None:
+        args = tuple(args or ())
+        name, task_id, request, body, content_type, content_encoding = args[:6]
+        task = self.app.tasks.get(name)
+        coroutine_of = getattr(task, "coroutine", None)
+        with self._idle:
+            self._in_flight += 1
+        if accept_callback:
+            accept_callback(os.getpid(), time.monotonic())
+        if coroutine_of is None:
+            self._trace(None, target, args, kwargs, callback)
+            return
+        # Decoded once here; the trace takes the decoded body (content type None) as it is.
+        if content_type:
+            body = loads(body, content_type, content_encoding, accept=self._accept)  # type: ignore[no-untyped-call]
+        task_args, task_kwargs, embed = body
+        run = prepared.Prepared(task_id, Context(request, args=task_args, kwargs=task_kwargs, **(embed or {})))
+        observer = getattr(self.app, "observer", None)
+        if observer is not None:  # the run's span and clock start now, and the coroutine runs inside the span
+            run.observed = observer.begin(task, run.request)
+        with observer.current(run.observed) if observer is not None else nullcontext():
+            run.future = task.context.database.submit(coroutine_of(run.request, task_args, task_kwargs))
+        traced = (name, task_id, request, body, None, None, *args[6:])
+        run.future.add_done_callback(lambda _: self._trace(run, target, traced, kwargs, callback))
+
+    def _trace(
+        self,
+        run: prepared.Prepared | None,
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        callback: Callable[..., Any] | None,
+    ) -> None:
+        try:
+            self._traces.submit(self._apply, run, target, args, kwargs, callback)
+        except RuntimeError:  # shut down: the message stays unacknowledged and is redelivered
+            self._done()
+
+    def _apply(
+        self,
+        run: prepared.Prepared | None,
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        callback: Callable[..., Any] | None,
+    ) -> None:
+        try:
+            with prepared.handed_over(run):
+                apply_target(target, args, kwargs, callback)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+    def on_stop(self) -> None:
+        # Warm shutdown: the tasks in flight finish and are acknowledged, as under the threads pool.
+        with self._idle:
+            self._idle.wait_for(lambda: not self._in_flight)
+        self._traces.shutdown(wait=True)
+        super().on_stop()
+
+    def _get_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = super()._get_info()
+        info.update({"max-concurrency": self.limit, "in-flight": self._in_flight, "trace-threads": TRACE_THREADS})
+        return info
