@@ -8,6 +8,7 @@ while they wait, then checks every effect happened once.
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 
 import psutil
@@ -81,4 +82,33 @@ async def test_hundreds_of_waiting_tasks_are_in_flight_at_once_without_a_thread_
         assert [r.get(timeout=10)["task_id"] for r in results] == ids[:10]
     rows = await fetch(engine, "SELECT task_id, count(*) AS n FROM audit_log WHERE task_id = ANY($1) GROUP BY 1", ids)
     assert {row["task_id"]: row["n"] for row in rows} == dict.fromkeys(ids, 1)
+    client.close()
+
+
+async def test_a_warm_shutdown_finishes_the_tasks_in_flight_before_the_worker_exits(
+    database_url: str, redis_url: str, engine: AsyncEngine
+) -> None:
+    settings = worker_settings(
+        database_url, redis_url, celery_task_queue=f"test-pool-{uuid.uuid4().hex[:8]}", audit_write_delay=WAIT_S
+    )
+    client = create_celery_app(settings)
+    audits = [{"transaction_id": str(n), "data": {"n": n}} for n in range(20)]
+    ids = [await insert_outbox_row(engine, AUDIT_LOG_TRANSACTION, audit) for audit in audits]
+    with start_worker(worker_env(settings), queue=settings.celery_task_queue, concurrency=50) as worker:
+        for task_id, audit in zip(ids, audits, strict=True):
+            client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=task_id)
+        for _ in range(100):
+            if await _delivering(engine, ids) == len(ids):
+                break
+            await asyncio.sleep(0.1)
+        assert await _delivering(engine, ids) == len(ids)
+        worker.process.send_signal(signal.SIGTERM)  # while every task waits on the audit system
+        returncode = await asyncio.to_thread(worker.process.wait, 10 * WAIT_S)
+    assert returncode == 0
+    assert await _completed(engine, ids) == len(ids)
+    # Acknowledged, not left to be redelivered: nothing is waiting in the queue or unacknowledged.
+    broker = client.backend.client  # the same Redis
+    assert broker.llen(settings.celery_task_queue) == 0
+    unacked = b" ".join(broker.hvals("unacked"))
+    assert not [task_id for task_id in ids if task_id.encode() in unacked]
     client.close()

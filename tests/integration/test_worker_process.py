@@ -1,7 +1,8 @@
 """A real `celery -A worker.celery_app worker` process runs the tasks sent by name.
 
-One worker (threads pool) and one SMTP sink serve the module; each module run uses its own
-queue, so parallel test sessions on the same Redis never take each other's messages.
+One worker and one SMTP sink serve the module, once with the default pool (worker/pool.py) and once
+with Celery's threads pool; each module run uses its own queue, so parallel test sessions on the
+same Redis never take each other's messages.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def worker_config(database_url: str, redis_url: str, sink: SmtpSink) -> Settings
     )
 
 
-@pytest.fixture(scope="module")
-def worker(worker_config: Settings) -> Iterator[RunningWorker]:
-    with start_worker(worker_env(worker_config), queue=worker_config.celery_task_queue) as running:
+@pytest.fixture(scope="module", params=["asyncio", "threads"])
+def worker(worker_config: Settings, request: pytest.FixtureRequest) -> Iterator[RunningWorker]:
+    with start_worker(worker_env(worker_config), queue=worker_config.celery_task_queue, pool=request.param) as running:
         yield running
 
 
