@@ -31,6 +31,9 @@ UNMATCHED = "none"
 # Not counted: the probes would drown the requests.
 UNCOUNTED_PREFIX = "/health/"
 HTTP_LABELS = ("handler", "method", "status")
+# The method label's values: a method a client invents becomes `other`, never a label value of its own.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+OTHER_METHOD = "other"
 
 
 class ApiMetrics:
@@ -52,7 +55,7 @@ class ApiMetrics:
             registry=registry,
         )
         # Resolved once per (handler, method, status): the hot path only increments and observes.
-        # Bounded by the routes, methods and status codes the app answers with.
+        # Bounded by the routes, HTTP_METHODS and the status codes the app answers with.
         self._http: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._transfers = Counter(
             "transfers_total",
@@ -65,6 +68,8 @@ class ApiMetrics:
 
     def request_answered(self, handler: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered with `status` after `seconds`."""
+        if method not in HTTP_METHODS:
+            method = OTHER_METHOD
         key = (handler, method, status)
         children = self._http.get(key)
         if children is None:

@@ -64,26 +64,38 @@ class AsyncioPool(BasePool):  # type: ignore[misc]
         args = tuple(args or ())
         name, task_id, request, body, content_type, content_encoding = args[:6]
         task = self.app.tasks.get(name)
-        coroutine_of = getattr(task, "coroutine", None)
+        decoded = self._decoded(body, content_type, content_encoding) if hasattr(task, "coroutine") else None
         with self._idle:
             self._in_flight += 1
         if accept_callback:
             accept_callback(os.getpid(), time.monotonic())
-        if coroutine_of is None:
+        if decoded is None:  # not one of ours, or a body only the trace can fail properly
             self._trace(None, target, args, kwargs, callback)
             return
-        # Decoded once here; the trace takes the decoded body (content type None) as it is.
-        if content_type:
-            body = loads(body, content_type, content_encoding, accept=self._accept)  # type: ignore[no-untyped-call]
-        task_args, task_kwargs, embed = body
+        task_args, task_kwargs, embed = decoded
         run = prepared.Prepared(task_id, Context(request, args=task_args, kwargs=task_kwargs, **(embed or {})))
         observer = getattr(self.app, "observer", None)
         if observer is not None:  # the run's span and clock start now, and the coroutine runs inside the span
             run.observed = observer.begin(task, run.request)
-        with observer.current(run.observed) if observer is not None else nullcontext():
-            run.future = task.context.database.submit(coroutine_of(run.request, task_args, task_kwargs))
-        traced = (name, task_id, request, body, None, None, *args[6:])
+        try:
+            with observer.current(run.observed) if observer is not None else nullcontext():
+                run.future = task.context.database.submit(task.coroutine(run.request, task_args, task_kwargs))
+        except BaseException:
+            self._done()
+            raise
+        # The trace takes the decoded body (content type None) as it is.
+        traced = (name, task_id, request, decoded, None, None, *args[6:])
         run.future.add_done_callback(lambda _: self._trace(run, target, traced, kwargs, callback))
+
+    def _decoded(self, body: Any, content_type: str | None, content_encoding: str | None) -> tuple[Any, ...] | None:
+        """The message body as (args, kwargs, embed), decoded once; None if it does not decode, and
+        then Celery's trace fails the task with the error, as under any other pool."""
+        try:
+            decoded = loads(body, content_type, content_encoding, accept=self._accept) if content_type else body  # type: ignore[no-untyped-call]
+            task_args, task_kwargs, embed = decoded
+        except Exception:
+            return None
+        return task_args, task_kwargs, embed
 
     def _trace(
         self,

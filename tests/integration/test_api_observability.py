@@ -91,6 +91,8 @@ async def test_the_metrics_port_shows_requests_by_route_template_and_transfers_b
         assert (await http.get(f"/api/v1/accounts/{source}")).status_code == 200
         assert (await http.get(f"/api/v1/accounts/{uuid.uuid4()}")).status_code == 404
         assert (await http.get("/no/such/path")).status_code == 404
+        for method in ("BREW", "X-INVENTED"):  # any client can send a method of its own
+            assert (await http.request(method, "/no/such/path")).status_code == 404
         assert (await http.get("/health/live")).status_code == 200
         samples = scrape(settings.api_metrics_port)
 
@@ -105,6 +107,12 @@ async def test_the_metrics_port_shows_requests_by_route_template_and_transfers_b
     assert requests("/api/v1/accounts/{account_id}", "GET", "200") == 1
     assert requests("/api/v1/accounts/{account_id}", "GET", "404") == 1
     assert requests("none", "GET", "404") == 1  # an unknown path never becomes a label value
+    assert requests("none", "other", "404") == 2  # nor an unknown method
+    assert {dict(labels)["method"] for name, labels in samples if name == "http_requests_total"} == {
+        "GET",
+        "POST",
+        "other",
+    }
     histogram = {"handler": TRANSFER, "method": "POST", "status": "201"}
     assert value(samples, "http_request_duration_seconds_count", **histogram) == 2
     assert value(samples, "http_request_duration_seconds_bucket", **histogram, le="+Inf") == 2
