@@ -63,7 +63,16 @@ class Step:
     p50_s: float  # commit->completed, less the task's own delay
     p99_s: float
     worker_rss_mib: float
+    worker_idle_rss_mib: float  # before the first step
+    in_flight: float  # tasks waiting at once at this rate, by Little's law: rate x the tasks' delays
     refused: dict[str, int]  # answers other than 201, by status (or transport error)
+
+    @property
+    def kib_per_task_in_flight(self) -> float | None:
+        """The workers' memory growth over idle, per task in flight (None with zero delays)."""
+        if not self.in_flight:
+            return None
+        return max(self.worker_rss_mib - self.worker_idle_rss_mib, 0.0) * 1024 / self.in_flight
 
     @property
     def sustained(self) -> bool:
@@ -173,6 +182,11 @@ async def _naive_lags(database_url: str, ids: list[uuid.UUID], delays: Delays) -
     return sum(1 for r in rows if r["lag"] is None), lags
 
 
+def _rss(workers: list[psutil.Process]) -> float:
+    """The workers' summed RSS, bytes."""
+    return float(sum(w.memory_full_info().rss for w in workers))
+
+
 @contextmanager
 def _peak_rss(workers: list[psutil.Process]) -> Iterator[list[float]]:
     """The workers' largest summed RSS (bytes) while the block runs, sampled every 0.2 s."""
@@ -182,7 +196,7 @@ def _peak_rss(workers: list[psutil.Process]) -> Iterator[list[float]]:
     def sample() -> None:
         while not done.wait(0.2):
             with suppress(psutil.Error):
-                peak[0] = max(peak[0], float(sum(w.memory_full_info().rss for w in workers)))
+                peak[0] = max(peak[0], _rss(workers))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -204,6 +218,7 @@ def step(
     seconds: float,
     delays: Delays,
     naive: bool,
+    idle_rss: float,
 ) -> Step:
     with _peak_rss(workers) as peak:
         answers = _offer(port, bodies, api_key, rate, seconds)
@@ -224,6 +239,8 @@ def step(
         p50_s=percentile(lags, 0.5),
         p99_s=percentile(lags, 0.99),
         worker_rss_mib=peak[0] / 2**20,
+        worker_idle_rss_mib=idle_rss / 2**20,
+        in_flight=rate * (delays.email + delays.audit),
         refused=dict(Counter(str(a["status"]) for a in answers if a["status"] != 201)),
     )
 
@@ -245,6 +262,7 @@ def measure(
         name = f"{'naive' if naive else 'outbox'}, {workers} worker{'s' * (workers > 1)}, {delays.label}"
         capacity = 0
         with pipeline(database_url, redis_url, workdir, workers=workers, delays=delays, naive=naive) as (port, procs):
+            idle_rss = _rss(procs)
             for rate in rates:
                 result = step(
                     database_url,
@@ -256,6 +274,7 @@ def measure(
                     seconds=seconds,
                     delays=delays,
                     naive=naive,
+                    idle_rss=idle_rss,
                 )
                 figures.append(
                     Figure(
@@ -263,7 +282,11 @@ def measure(
                         f"{name} @{rate}/s",
                         "transfers/s",
                         [result.completed_per_s],
-                        {**result.__dict__, "sustained": result.sustained},
+                        {
+                            **result.__dict__,
+                            "sustained": result.sustained,
+                            "kib_per_task_in_flight": result.kib_per_task_in_flight,
+                        },
                     )
                 )
                 if not result.sustained:
@@ -278,12 +301,15 @@ def print_steps(figures: list[Figure]) -> None:
     rows = [f for f in figures if f.scenario == "capacity" and "rate" in f.extra]
     if not rows:
         return
-    print(f"\n{'capacity step':<52} {'done/s':>7} {'behind':>7} {'p50 s':>7} {'p99 s':>7} {'RSS MiB':>8} ok")
+    header = f"{'capacity step':<52} {'done/s':>7} {'behind':>7} {'p50 s':>7} {'p99 s':>7} {'RSS MiB':>8}"
+    print(f"\n{header} {'KiB/in flight':>13} ok")
     for f in rows:
         e = f.extra
+        per_task = e.get("kib_per_task_in_flight")
         print(
             f"{f.name:<52} {e['completed_per_s']:>7.1f} {e['behind']:>7} {e['p50_s']:>7.3f} {e['p99_s']:>7.3f}"
-            f" {e['worker_rss_mib']:>8.1f} {'yes' if e['sustained'] else 'NO'}"
+            f" {e['worker_rss_mib']:>8.1f} {'-' if per_task is None else f'{per_task:.0f}':>13}"
+            f" {'yes' if e['sustained'] else 'NO'}"
         )
     for f in figures:
         if f.name.endswith(": sustained"):

@@ -101,18 +101,26 @@ def _tasks_cpu(database_url: str, env: dict[str, str], workdir: Path, tasks: int
 
 
 def measure(database_url: str, redis_url: str, workdir: Path, *, tasks: int, repeats: int) -> list[Figure]:
-    noop = Figure("worker-cost", "no-op task, same Celery config, CPU per task", "ms")
-    ours = Figure("worker-cost", "the two tasks, zero delays, CPU per task", "ms")
-    for _ in range(repeats):
-        env = service_env(
-            database_url,
-            redis_url,
-            CELERY_TASK_QUEUE=f"worker-cost-{uuid.uuid4().hex[:8]}",
-            EMAIL_SEND_DELAY="0",
-            AUDIT_WRITE_DELAY="0",
-            LOG_LEVEL="INFO",  # as `make run` logs, and so that the worker says when it is ready
-        )
-        noop.values.append(1000 * _noop_cpu(redis_url, env, workdir, tasks) / tasks)
-        asyncio.run(fill_backlog(database_url, 0))  # an empty outbox
-        ours.values.append(1000 * _tasks_cpu(database_url, env, workdir, tasks) / tasks)
-    return [noop, ours]
+    """The two tasks and the no-op under the default pool (the target's figures), and both again
+    under Celery's threads pool, the default before the asyncio pool (worker/pool.py)."""
+    figures: list[Figure] = []
+    for pool, label in (("", ""), ("threads", ", threads pool")):
+        noop = Figure("worker-cost", f"no-op task, same Celery config{label}, CPU per task", "ms")
+        ours = Figure("worker-cost", f"the two tasks, zero delays{label}, CPU per task", "ms")
+        for _ in range(repeats):
+            env = service_env(
+                database_url,
+                redis_url,
+                CELERY_TASK_QUEUE=f"worker-cost-{uuid.uuid4().hex[:8]}",
+                EMAIL_SEND_DELAY="0",
+                AUDIT_WRITE_DELAY="0",
+                LOG_LEVEL="INFO",  # as `make run` logs, and so that the worker says when it is ready
+            )
+            env.pop("CELERY_WORKER_POOL", None)
+            if pool:
+                env["CELERY_WORKER_POOL"] = pool
+            noop.values.append(1000 * _noop_cpu(redis_url, env, workdir, tasks) / tasks)
+            asyncio.run(fill_backlog(database_url, 0))  # an empty outbox
+            ours.values.append(1000 * _tasks_cpu(database_url, env, workdir, tasks) / tasks)
+        figures += [noop, ours]
+    return figures
