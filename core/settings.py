@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     celery_result_expires: int = Field(86_400, ge=1)
     celery_visibility_timeout: int = Field(3_600, ge=1)
     celery_worker_pool: Literal["asyncio", "threads", "prefork", "solo"] = "asyncio"
-    celery_worker_concurrency: int = Field(512, ge=1)
+    celery_worker_concurrency: int = Field(1024, ge=1)
     celery_task_events: bool = False
     worker_db_pool_size: int = Field(16, ge=1)
     celery_task_max_retries: int = Field(5, ge=0)

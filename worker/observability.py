@@ -1,17 +1,19 @@
 """The worker's metrics (monitoring/metrics.yml, job `worker`) and its part of a transfer's trace.
 
 Hooked on Celery's signals by `install(app, settings)` (called by create_celery_app), so the tasks
-themselves only report one thing: a duplicate delivery they absorbed (`absorbed(task)`).
+themselves only report one thing: a duplicate delivery they absorbed (`absorbed(request, result)`).
 
 - Metrics, on WORKER_METRICS_PORT (0: none), served by the worker's main process from `worker_init`.
-  They count the tasks that process runs: the threads pool (the default) runs them all there. Under
+  They count the tasks that process runs: the asyncio pool (the default) and the threads pool run them
+  all there. Under
   prefork the tasks run in child processes whose counts this server does not see; and several worker
   processes on one host each need a port of their own (or 0).
 - Logs: one INFO line per task run, `<task name>[<task id>] <outcome> in <seconds>s`, in place of
   Celery's own lines, which carry the arguments and the result (worker.celery_app).
 - Traces: each task run is a CONSUMER span `process <task name>`, child of the message's `traceparent`
-  header (the relay's publish span, or the request's), current while the task runs, so the task's log
-  lines carry the transfer's trace id.
+  header (the relay's publish span, or the request's), current while the task runs (in its coroutine on
+  the loop, and in Celery's trace of it), so the task's log lines carry the transfer's trace id. Under
+  the asyncio pool a run's span and clock start when its coroutine is handed to the loop (RunObserver).
 """
 
 from __future__ import annotations

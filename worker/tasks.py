@@ -4,6 +4,12 @@ Delivery is at least once (a relay may publish twice, the broker redelivers what
 worker held), so each task makes its effect once per task id (see worker.effects).
 Transient failures are retried with backoff; anything else fails the task for good, and a
 task that fails for good marks its outbox row `failed`.
+
+Each task's work is a coroutine of a Delivery (its request, settings and the process's connection
+pool), run on the process's event loop (worker.db): by the asyncio pool before Celery's trace
+(worker.pool), or by the task's function while its thread waits under any other pool. The work
+never publishes: a retry is asked for with RetryRequested, and the task's function, in Celery's
+trace, sends it.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_defaults_suit_io_bound_tasks() -> None:
     settings = _settings()
     conf = create_celery_app(settings).conf
     assert conf.worker_pool == "worker.pool:AsyncioPool"  # task waits on the loop, not a thread each
-    assert conf.worker_concurrency == 512
+    assert conf.worker_concurrency == 1024
     assert conf.task_time_limit == 60
     assert conf.task_soft_time_limit == 50
     assert conf.task_default_queue == "celery"
