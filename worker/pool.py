@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 from celery.app.task import Context
@@ -70,7 +71,7 @@ class AsyncioPool(BasePool):  # type: ignore[misc]
         if accept_callback:
             accept_callback(os.getpid(), time.monotonic())
         if decoded is None:  # not one of ours, or a body only the trace can fail properly
-            self._trace(None, target, args, kwargs, callback)
+            self._trace(None, partial(apply_target, target, args, kwargs, callback))
             return
         task_args, task_kwargs, embed = decoded
         run = prepared.Prepared(task_id, Context(request, args=task_args, kwargs=task_kwargs, **(embed or {})))
@@ -85,7 +86,8 @@ class AsyncioPool(BasePool):  # type: ignore[misc]
             raise
         # The trace takes the decoded body (content type None) as it is.
         traced = (name, task_id, request, decoded, None, None, *args[6:])
-        run.future.add_done_callback(lambda _: self._trace(run, target, traced, kwargs, callback))
+        apply = partial(apply_target, target, traced, kwargs, callback)
+        run.future.add_done_callback(lambda _: self._trace(run, apply))
 
     def _decoded(self, body: Any, content_type: str | None, content_encoding: str | None) -> tuple[Any, ...] | None:
         """The message body as (args, kwargs, embed), decoded once; None if it does not decode, and
@@ -97,30 +99,17 @@ class AsyncioPool(BasePool):  # type: ignore[misc]
             return None
         return task_args, task_kwargs, embed
 
-    def _trace(
-        self,
-        run: prepared.Prepared | None,
-        target: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any] | None,
-        callback: Callable[..., Any] | None,
-    ) -> None:
+    def _trace(self, run: prepared.Prepared | None, apply: Callable[[], None]) -> None:
+        """Run Celery's trace (`apply`) in a trace thread, with `run` handed over to it."""
         try:
-            self._traces.submit(self._apply, run, target, args, kwargs, callback)
+            self._traces.submit(self._apply, run, apply)
         except RuntimeError:  # shut down: the message stays unacknowledged and is redelivered
             self._done()
 
-    def _apply(
-        self,
-        run: prepared.Prepared | None,
-        target: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any] | None,
-        callback: Callable[..., Any] | None,
-    ) -> None:
+    def _apply(self, run: prepared.Prepared | None, apply: Callable[[], None]) -> None:
         try:
             with prepared.handed_over(run):
-                apply_target(target, args, kwargs, callback)
+                apply()
         finally:
             self._done()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
+from typing import Any
 
 import psutil
 import pytest
@@ -17,10 +18,11 @@ from celery.result import AsyncResult
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.contract import AUDIT_LOG_TRANSACTION
+from core.settings import Settings
 from tests.support.database import fetch
 from tests.support.outbox import insert_outbox_row
 from tests.support.workers import start_worker, worker_env, worker_settings
-from worker.celery_app import create_celery_app
+from worker.celery_app import WorkerApp, create_celery_app
 
 pytestmark = pytest.mark.e2e  # starts the worker as a process
 
@@ -28,44 +30,46 @@ TASKS = 300
 WAIT_S = 3.0  # each task's simulated wait on the audit system
 
 
-async def _delivering(engine: AsyncEngine, ids: list[str]) -> int:
-    """Rows whose delivery started and whose task has not completed: tasks in flight."""
+async def _count(engine: AsyncEngine, ids: list[str], condition: str) -> int:
     rows = await fetch(
         engine,
-        "SELECT count(*) AS n FROM outbox WHERE id = ANY($1::uuid[]) "
-        "AND delivery_started_at IS NOT NULL AND state <> 'completed'",
+        f"SELECT count(*) AS n FROM outbox WHERE id = ANY($1::uuid[]) AND {condition}",
         [uuid.UUID(i) for i in ids],
     )
     return int(rows[0]["n"])
+
+
+async def _delivering(engine: AsyncEngine, ids: list[str]) -> int:
+    """Rows whose delivery started and whose task has not completed: tasks in flight."""
+    return await _count(engine, ids, "delivery_started_at IS NOT NULL AND state <> 'completed'")
 
 
 async def _completed(engine: AsyncEngine, ids: list[str]) -> int:
-    rows = await fetch(
-        engine,
-        "SELECT count(*) AS n FROM outbox WHERE id = ANY($1::uuid[]) AND state = 'completed'",
-        [uuid.UUID(i) for i in ids],
+    return await _count(engine, ids, "state = 'completed'")
+
+
+async def _waiting_audits(
+    database_url: str, redis_url: str, engine: AsyncEngine, count: int
+) -> tuple[Settings, WorkerApp, list[dict[str, Any]], list[str]]:
+    """Settings whose audits wait WAIT_S on the audit system, a client app on their own queue, and
+    `count` audit tasks' arguments with their outbox rows' ids."""
+    settings = worker_settings(
+        database_url, redis_url, celery_task_queue=f"test-pool-{uuid.uuid4().hex[:8]}", audit_write_delay=WAIT_S
     )
-    return int(rows[0]["n"])
+    audits = [{"transaction_id": str(n), "data": {"n": n}} for n in range(count)]
+    ids = [await insert_outbox_row(engine, AUDIT_LOG_TRANSACTION, audit) for audit in audits]
+    return settings, create_celery_app(settings), audits, ids
 
 
 async def test_hundreds_of_waiting_tasks_are_in_flight_at_once_without_a_thread_each(
     database_url: str, redis_url: str, engine: AsyncEngine
 ) -> None:
-    settings = worker_settings(
-        database_url, redis_url, celery_task_queue=f"test-pool-{uuid.uuid4().hex[:8]}", audit_write_delay=WAIT_S
-    )
-    client = create_celery_app(settings)
-    ids = [
-        await insert_outbox_row(engine, AUDIT_LOG_TRANSACTION, {"transaction_id": str(n), "data": {"n": n}})
-        for n in range(TASKS)
-    ]
+    settings, client, audits, ids = await _waiting_audits(database_url, redis_url, engine, TASKS)
     with start_worker(worker_env(settings), queue=settings.celery_task_queue, concurrency=TASKS + 50) as worker:
         stats = await asyncio.to_thread(client.control.inspect([worker.hostname], timeout=5).stats)
         assert stats[worker.hostname]["pool"]["implementation"] == "worker.pool:AsyncioPool"
-        for task_id, n in zip(ids, range(TASKS), strict=True):
-            client.send_task(
-                AUDIT_LOG_TRANSACTION, kwargs={"transaction_id": str(n), "data": {"n": n}}, task_id=task_id
-            )
+        for task_id, audit in zip(ids, audits, strict=True):
+            client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=task_id)
         process = psutil.Process(worker.pid)
         most_in_flight = most_threads = 0
         for _ in range(int(10 * WAIT_S * 10)):  # up to ten times one task's wait, sampled every 0.1 s
@@ -88,12 +92,7 @@ async def test_hundreds_of_waiting_tasks_are_in_flight_at_once_without_a_thread_
 async def test_a_warm_shutdown_finishes_the_tasks_in_flight_before_the_worker_exits(
     database_url: str, redis_url: str, engine: AsyncEngine
 ) -> None:
-    settings = worker_settings(
-        database_url, redis_url, celery_task_queue=f"test-pool-{uuid.uuid4().hex[:8]}", audit_write_delay=WAIT_S
-    )
-    client = create_celery_app(settings)
-    audits = [{"transaction_id": str(n), "data": {"n": n}} for n in range(20)]
-    ids = [await insert_outbox_row(engine, AUDIT_LOG_TRANSACTION, audit) for audit in audits]
+    settings, client, audits, ids = await _waiting_audits(database_url, redis_url, engine, 20)
     with start_worker(worker_env(settings), queue=settings.celery_task_queue, concurrency=50) as worker:
         for task_id, audit in zip(ids, audits, strict=True):
             client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=task_id)
