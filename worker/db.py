@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -109,6 +109,7 @@ class WorkerDatabase:
         self._loop: _LoopThread | None = None
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._running: set[asyncio.Task[Any]] = set()
 
     def run(self, operation: Callable[[asyncpg.Pool], Awaitable[T]], *, timeout: float | None = CALL_TIMEOUT) -> T:
         """Run `operation(pool)` on the process's loop and return its result.
@@ -134,6 +135,25 @@ class WorkerDatabase:
             return await operation(await self._started_pool())
 
         return asyncio.run_coroutine_threadsafe(call(), loop.loop)
+
+    def start(self, operation: Callable[[asyncpg.Pool], Awaitable[T]], done: Callable[[asyncio.Task[T]], None]) -> None:
+        """Start `operation(pool)` on the process's loop; `done` is called on the loop with its
+        finished task (result or error), and must not block.
+
+        For the asyncio pool: one wake-up of the loop per task, where submit() also chains a
+        future back to the caller's thread. The coroutine runs in a copy of the caller's context."""
+        loop = self._ensure_started().loop
+
+        async def call() -> T:
+            return await operation(await self._started_pool())
+
+        def begin() -> None:
+            task = loop.create_task(call())
+            self._running.add(task)  # the loop holds its tasks weakly
+            task.add_done_callback(self._running.discard)
+            task.add_done_callback(done)
+
+        loop.call_soon_threadsafe(begin)
 
     def close(self) -> None:
         """Close the pool's connections and stop the loop thread (idempotent)."""

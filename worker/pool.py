@@ -19,6 +19,7 @@ for the tasks in flight.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -78,16 +79,20 @@ class AsyncioPool(BasePool):  # type: ignore[misc]
         observer = getattr(self.app, "observer", None)
         if observer is not None:  # the run's span and clock start now, and the coroutine runs inside the span
             run.observed = observer.begin(task, run.request)
-        try:
-            with observer.current(run.observed) if observer is not None else nullcontext():
-                run.future = task.context.database.submit(task.coroutine(run.request, task_args, task_kwargs))
-        except BaseException:
-            self._done()
-            raise
         # The trace takes the decoded body (content type None) as it is.
         traced = (name, task_id, request, decoded, None, None, *args[6:])
         apply = partial(apply_target, target, traced, kwargs, callback)
-        run.future.add_done_callback(lambda _: self._trace(run, apply))
+
+        def finished(outcome: asyncio.Task[Any]) -> None:
+            run.outcome = outcome
+            self._trace(run, apply)
+
+        try:
+            with observer.current(run.observed) if observer is not None else nullcontext():
+                task.context.database.start(task.coroutine(run.request, task_args, task_kwargs), finished)
+        except BaseException:
+            self._done()
+            raise
 
     def _decoded(self, body: Any, content_type: str | None, content_encoding: str | None) -> tuple[Any, ...] | None:
         """The message body as (args, kwargs, embed), decoded once; None if it does not decode, and

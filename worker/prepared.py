@@ -7,9 +7,9 @@ function and the prerun/postrun handlers find it by the task id of the request t
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,12 +21,12 @@ _local = threading.local()
 class Prepared:
     """One delivery of a task whose coroutine runs (or ran) on the loop."""
 
-    __slots__ = ("future", "observed", "request", "task_id")
+    __slots__ = ("observed", "outcome", "request", "task_id")
 
     def __init__(self, task_id: str, request: Context) -> None:
         self.task_id = task_id
         self.request = request  # the coroutine's view of the delivery (id, retries, headers)
-        self.future: Future[Any] | None = None  # the coroutine's outcome
+        self.outcome: asyncio.Future[Any] | None = None  # the coroutine's task, once it ended
         self.observed: Any = None  # worker.observability's run: span and start, begun with the coroutine
 
 

@@ -36,9 +36,10 @@ from relay.celery_app import create_celery_app
 from relay.db import connect
 from relay.publisher import Publisher, RedisBatchPublisher, SendTaskPublisher, Unsent, create_publisher
 from relay.reconciler import order_margin, reconcile
-from tests.support.database import account_holder, funded_account
+from tests.support.database import account_holder, fetch, funded_account
 from tests.support.outbox import insert_outbox_row
 from tests.support.relays import PrivateRedis, new_queue, queued_messages
+from tests.support.waiting import until
 from tests.support.workers import start_worker, worker_env, worker_settings
 
 INSERT = "INSERT INTO outbox (id, task_name, kwargs, created_at) VALUES ($1, $2, $3::jsonb, $4)"
@@ -631,9 +632,10 @@ async def test_the_inspector_sees_the_messages_a_real_worker_holds(
     inspector = create_inspector(held)
     client = create_celery_app(held)
     try:
-        with start_worker(worker_env(held), queue=queue) as worker:
+        with start_worker(worker_env(held), queue=queue):
             client.send_task("audit_log_transaction", kwargs={"transaction_id": "t", "data": {}}, task_id=audit_id)
-            await asyncio.to_thread(worker.wait_for_log, "audit_log_transaction transaction_id=t")
+            started = "SELECT 1 FROM outbox WHERE id = $1 AND delivery_started_at IS NOT NULL"
+            await until(lambda: fetch(engine, started, uuid.UUID(audit_id)), 30, "the worker to start the task")
             observed = await inspector.observe()
     finally:
         await inspector.close()

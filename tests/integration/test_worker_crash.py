@@ -27,7 +27,7 @@ from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from tests.support.outbox import insert_outbox_row
 from tests.support.servers import redis_server
 from tests.support.smtp import smtp_sink
-from tests.support.waiting import wait_until
+from tests.support.waiting import until, wait_until
 from tests.support.workers import start_worker, worker_env, worker_settings
 from worker.celery_app import create_celery_app
 
@@ -65,7 +65,8 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_ur
         with start_worker(env, queue=queue) as worker_a:
             client.send_task(SEND_TRANSACTION_EMAIL, kwargs=email, task_id=email_id)
             client.send_task(AUDIT_LOG_TRANSACTION, kwargs=audit, task_id=audit_id)
-            await asyncio.to_thread(worker_a.wait_for_log, f"transaction_id={audit['transaction_id']}")
+            started = "SELECT 1 FROM outbox WHERE id = :id AND delivery_started_at IS NOT NULL"
+            await until(lambda: _rows(engine, started, id=audit_id), 30, "worker A to start the audit task")
             await asyncio.to_thread(
                 wait_until, lambda: sink.started >= 1, 10, "worker A's email send reached the SMTP server"
             )
