@@ -26,22 +26,36 @@ class Answer:
     latency_s: float
 
 
+# A connection idle this long is closed, not reused: uvicorn closes keep-alive connections idle for
+# 5 s (its default), and a request written as it does so is lost. The client expiring its idle
+# connections first is the usual cure; without it such a request counted as a refused transfer.
+IDLE_REUSE_S = 2.0
+
+
 class _Connections:
     def __init__(self, host: str, port: int, limit: int) -> None:
         self._host, self._port = host, port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self._slots = asyncio.Semaphore(limit)
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self._idle:
+            reader, writer, idle_since = self._idle.pop()
+            if time.monotonic() - idle_since < IDLE_REUSE_S:
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self._host, self._port)
 
     async def send(self, payload: bytes, limit_s: float) -> tuple[int, bytes]:
         async with self._slots:
-            reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
+            reader, writer = await self._connection()
             try:
                 writer.write(payload)
                 answer = await asyncio.wait_for(read_response(reader), limit_s)
             except BaseException:
                 writer.close()
                 raise
-            self._idle.append((reader, writer))
+            self._idle.append((reader, writer, time.monotonic()))
             return answer
 
 
