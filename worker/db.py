@@ -130,11 +130,7 @@ class WorkerDatabase:
 
         The coroutine runs in a copy of the caller's context (contextvars: the current span)."""
         loop = self._ensure_started()
-
-        async def call() -> T:
-            return await operation(await self._started_pool())
-
-        return asyncio.run_coroutine_threadsafe(call(), loop.loop)
+        return asyncio.run_coroutine_threadsafe(self._call(operation), loop.loop)
 
     def start(self, operation: Callable[[asyncpg.Pool], Awaitable[T]], done: Callable[[asyncio.Task[T]], None]) -> None:
         """Start `operation(pool)` on the process's loop; `done` is called on the loop with its
@@ -144,16 +140,16 @@ class WorkerDatabase:
         future back to the caller's thread. The coroutine runs in a copy of the caller's context."""
         loop = self._ensure_started().loop
 
-        async def call() -> T:
-            return await operation(await self._started_pool())
-
         def begin() -> None:
-            task = loop.create_task(call())
+            task = loop.create_task(self._call(operation))
             self._running.add(task)  # the loop holds its tasks weakly
             task.add_done_callback(self._running.discard)
             task.add_done_callback(done)
 
         loop.call_soon_threadsafe(begin)
+
+    async def _call(self, operation: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+        return await operation(await self._started_pool())
 
     def close(self) -> None:
         """Close the pool's connections and stop the loop thread (idempotent)."""
