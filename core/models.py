@@ -125,6 +125,17 @@ class IdempotencyKey(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
 
 
+# The outbox is a queue: each row is updated three times or more, so it is vacuumed (and its
+# statistics refreshed) after a bounded number of changed rows, not a share of a growing table
+# (migration 0005 says why).
+OUTBOX_STORAGE = {
+    "autovacuum_vacuum_threshold": "1000",
+    "autovacuum_vacuum_scale_factor": "0.01",
+    "autovacuum_analyze_threshold": "1000",
+    "autovacuum_analyze_scale_factor": "0.02",
+}
+
+
 class Outbox(Base):
     """One task to publish. Its id is the Celery task id, end to end."""
 
@@ -139,6 +150,7 @@ class Outbox(Base):
         Index("ix_outbox_published", "published_at", postgresql_where=text("state = 'published'")),
         # `purge` (oldest completions first) and the reconciler's look at the latest completions.
         Index("ix_outbox_completed", "completed_at", postgresql_where=text("state = 'completed'")),
+        {"postgresql_with": OUTBOX_STORAGE},
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)

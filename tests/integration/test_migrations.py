@@ -8,11 +8,11 @@ import uuid
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, make_url
+from sqlalchemy import inspect, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from core.models import Base
+from core.models import OUTBOX_STORAGE, Base
 from tests.support.database import alembic_config, async_url, run_admin
 
 
@@ -49,5 +49,31 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(servers: tuple[
         assert tables == {"alembic_version"}
 
         command.upgrade(config, "head")
+    finally:
+        asyncio.run(run_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_the_outbox_is_vacuumed_after_a_bounded_number_of_changed_rows(servers: tuple[str, str]) -> None:
+    admin = servers[0]
+    name = f"migr_{uuid.uuid4().hex[:10]}"
+    asyncio.run(run_admin(admin, f'CREATE DATABASE "{name}"'))
+    url = async_url(make_url(admin).set(database=name).render_as_string(hide_password=False))
+
+    async def outbox_options() -> dict[str, str]:
+        engine = create_async_engine(url, poolclass=NullPool)
+        async with engine.connect() as connection:
+            query = text("SELECT reloptions FROM pg_class WHERE relname = 'outbox'")
+            options = (await connection.execute(query)).scalar()
+        await engine.dispose()
+        return dict(option.split("=", 1) for option in options or [])
+
+    try:
+        config = alembic_config(url)
+        command.upgrade(config, "0004")
+        assert asyncio.run(outbox_options()) == {}  # PostgreSQL's defaults: a vacuum at 20% dead
+        command.upgrade(config, "head")
+        assert asyncio.run(outbox_options()) == OUTBOX_STORAGE
+        command.downgrade(config, "0004")
+        assert asyncio.run(outbox_options()) == {}
     finally:
         asyncio.run(run_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
