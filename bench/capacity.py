@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import statistics
 import subprocess
 import threading
@@ -66,6 +67,7 @@ class Step:
     worker_idle_rss_mib: float  # before the first step
     in_flight: float  # tasks waiting at once at this rate, by Little's law: rate x the tasks' delays
     refused: dict[str, int]  # answers other than 201, by status (or transport error)
+    cpu_ms_per_transfer: dict[str, float]  # by part (CPU_PARTS), load and settle together
 
     @property
     def kib_per_task_in_flight(self) -> float | None:
@@ -87,12 +89,62 @@ def _uvicorn(port: int, app: str) -> list[str]:
     return python("-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log")
 
 
+# Where a step's CPU goes, so that the table shows which part a failed step ran out of. The
+# database and the broker are the machine's servers: the bench runs with nothing else on them.
+CPU_PARTS = ("worker", "relay", "api", "postgres", "redis", "loadgen")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    port: int  # the API's
+    workers: list[psutil.Process]
+    relay: list[psutil.Process]  # empty for the naive design
+    api: list[psutil.Process]
+
+    def parts(self) -> dict[str, list[psutil.Process]]:
+        """The processes of each CPU part but the load generator (a child of this process)."""
+        servers: dict[str, list[psutil.Process]] = {"postgres": [], "redis": []}
+        for candidate in psutil.process_iter(["name"]):
+            name = candidate.info["name"] or ""
+            for server in servers:
+                if name.startswith(server):
+                    servers[server].append(candidate)
+        return {"worker": self.workers, "relay": self.relay, "api": self.api, **servers}
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in processes:
+        with suppress(psutil.Error):  # a server's short-lived backend may have gone
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _children_cpu_seconds() -> float:
+    """CPU of this process's exited children: the load generator, once subprocess.run reaped it."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextmanager
+def _cpu_by_part(pipeline: Pipeline) -> Iterator[dict[str, float]]:
+    """CPU seconds of each part (CPU_PARTS) while the block runs, filled in when it ends."""
+    parts = pipeline.parts()
+    before = {name: _cpu_seconds(processes) for name, processes in parts.items()}
+    children = _children_cpu_seconds()
+    spent: dict[str, float] = {}
+    yield spent
+    spent.update({name: _cpu_seconds(processes) - before[name] for name, processes in parts.items()})
+    spent["loadgen"] = _children_cpu_seconds() - children
+
+
 @contextmanager
 def pipeline(
     database_url: str, redis_url: str, workdir: Path, *, workers: int, delays: Delays, naive: bool
-) -> Iterator[tuple[int, list[psutil.Process]]]:
+) -> Iterator[Pipeline]:
     """The API, the relay (not for the naive design) and `workers` worker processes, as `make run`
-    starts them, on a queue of their own. Yields the API's port and the worker processes."""
+    starts them, on a queue of their own."""
     queue = f"capacity-{uuid.uuid4().hex[:8]}"
     env = service_env(
         database_url,
@@ -118,12 +170,20 @@ def pipeline(
             )
             for i in range(workers)
         ]
+        relay = []
         if not naive:
-            stack.enter_context(process(python("-m", "relay"), env, log=workdir / f"capacity-relay-{tag}.log"))
+            log = workdir / f"capacity-relay-{tag}.log"
+            relay.append(stack.enter_context(process(python("-m", "relay"), env, log=log)))
         app = "bench.variants:app" if naive else "api.main:app"
-        stack.enter_context(process(_uvicorn(port, app), env, port=port, log=workdir / f"capacity-api-{tag}.log"))
+        log = workdir / f"capacity-api-{tag}.log"
+        api = stack.enter_context(process(_uvicorn(port, app), env, port=port, log=log))
         time.sleep(3)  # the workers connect to the broker
-        yield port, [psutil.Process(p.pid) for p in started]
+        yield Pipeline(
+            port,
+            [psutil.Process(p.pid) for p in started],
+            [psutil.Process(p.pid) for p in relay],
+            [psutil.Process(api.pid)],
+        )
 
 
 def _offer(port: int, bodies: Path, api_key: str, rate: int, seconds: float) -> list[dict[str, object]]:
@@ -209,10 +269,9 @@ def _peak_rss(workers: list[psutil.Process]) -> Iterator[list[float]]:
 
 def step(
     database_url: str,
-    port: int,
+    running: Pipeline,
     bodies: Path,
     api_key: str,
-    workers: list[psutil.Process],
     *,
     rate: int,
     seconds: float,
@@ -220,15 +279,16 @@ def step(
     naive: bool,
     idle_rss: float,
 ) -> Step:
-    with _peak_rss(workers) as peak:
-        answers = _offer(port, bodies, api_key, rate, seconds)
-    ids = [uuid.UUID(str(a["id"])) for a in answers if a["status"] == 201 and a["id"]]
-    lags_of = _naive_lags if naive else _outbox_lags
-    deadline = time.monotonic() + SETTLE_S + max(delays.email, delays.audit)
-    behind, lags = asyncio.run(lags_of(database_url, ids, delays))
-    while behind and time.monotonic() < deadline:
-        time.sleep(0.5)
+    with _cpu_by_part(running) as cpu:
+        with _peak_rss(running.workers) as peak:
+            answers = _offer(running.port, bodies, api_key, rate, seconds)
+        ids = [uuid.UUID(str(a["id"])) for a in answers if a["status"] == 201 and a["id"]]
+        lags_of = _naive_lags if naive else _outbox_lags
+        deadline = time.monotonic() + SETTLE_S + max(delays.email, delays.audit)
         behind, lags = asyncio.run(lags_of(database_url, ids, delays))
+        while behind and time.monotonic() < deadline:
+            time.sleep(0.5)
+            behind, lags = asyncio.run(lags_of(database_url, ids, delays))
     lags.sort()
     return Step(
         rate=rate,
@@ -242,6 +302,7 @@ def step(
         worker_idle_rss_mib=idle_rss / 2**20,
         in_flight=rate * (delays.email + delays.audit),
         refused=dict(Counter(str(a["status"]) for a in answers if a["status"] != 201)),
+        cpu_ms_per_transfer={name: 1000 * cpu[name] / max(len(ids), 1) for name in CPU_PARTS},
     )
 
 
@@ -261,15 +322,14 @@ def measure(
     for delays, workers, naive in configurations:
         name = f"{'naive' if naive else 'outbox'}, {workers} worker{'s' * (workers > 1)}, {delays.label}"
         capacity = 0
-        with pipeline(database_url, redis_url, workdir, workers=workers, delays=delays, naive=naive) as (port, procs):
-            idle_rss = _rss(procs)
+        with pipeline(database_url, redis_url, workdir, workers=workers, delays=delays, naive=naive) as running:
+            idle_rss = _rss(running.workers)
             for rate in rates:
                 result = step(
                     database_url,
-                    port,
+                    running,
                     bodies,
                     seeded.api_key,
-                    procs,
                     rate=rate,
                     seconds=seconds,
                     delays=delays,
@@ -314,3 +374,8 @@ def print_steps(figures: list[Figure]) -> None:
     for f in figures:
         if f.name.endswith(": sustained"):
             print(f"{f.name:<52} {statistics.median(f.values):>7.0f}")
+    print(f"\n{'CPU per transfer, ms (load and settle)':<52}" + "".join(f" {part:>8}" for part in (*CPU_PARTS, "all")))
+    for f in rows:
+        spent = f.extra.get("cpu_ms_per_transfer") or {}
+        cells = [spent.get(part, 0.0) for part in CPU_PARTS]
+        print(f"{f.name:<52}" + "".join(f" {cell:>8.2f}" for cell in (*cells, sum(cells))))
