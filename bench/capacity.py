@@ -112,13 +112,20 @@ class Pipeline:
         return {"worker": self.workers, "relay": self.relay, "api": self.api, **servers}
 
 
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
+def _cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
+    """Each process's CPU seconds so far, by pid; a server's backend that has gone is left out."""
+    spent: dict[int, float] = {}
     for p in processes:
-        with suppress(psutil.Error):  # a server's short-lived backend may have gone
+        with suppress(psutil.Error):
             times = p.cpu_times()
-            total += times.user + times.system
-    return total
+            spent[p.pid] = times.user + times.system
+    return spent
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two readings, over the processes in both (one that exited between them
+    would otherwise count its whole life as negative)."""
+    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
 
 
 def _children_cpu_seconds() -> float:
@@ -135,7 +142,7 @@ def _cpu_by_part(pipeline: Pipeline) -> Iterator[dict[str, float]]:
     children = _children_cpu_seconds()
     spent: dict[str, float] = {}
     yield spent
-    spent.update({name: _cpu_seconds(processes) - before[name] for name, processes in parts.items()})
+    spent.update({name: _spent(before[name], _cpu_seconds(processes)) for name, processes in parts.items()})
     spent["loadgen"] = _children_cpu_seconds() - children
 
 
