@@ -4,7 +4,9 @@ Wake-up policy: the API sends a coalesced NOTIFY at commit; the relay LISTENs on
 connection. After a non-empty batch it keeps polling every RELAY_BUSY_POLL for RELAY_LINGER,
 so rows committed just after a coalesced (skipped) notification still go out at once; when
 idle it polls every RELAY_POLL_INTERVAL as a fallback. A lost notification or a dropped LISTEN
-connection therefore only delays a row, never loses it.
+connection therefore only delays a row, never loses it. A poll that no notification or backlog
+prompted first asks whether anything is due (one statement, no transaction) and claims only if
+so: most busy polls find nothing, and a claim costs three round trips.
 
 Broker outages: when a batch finds the broker unreachable, its rows are left untouched (no
 attempt counted) and every lane stops claiming. One prober asks the broker at capped backoff
@@ -32,6 +34,7 @@ from core.backoff import backoff_delay
 from core.contract import OUTBOX_CHANNEL
 from core.logging import describe
 from core.metrics import start_metrics_server
+from core.outbox.queries import any_due
 from core.settings import Settings
 from core.telemetry import RELAY_SERVICE, configure_tracing, flush_tracing
 from core.transient import CONNECTION_ERRORS
@@ -43,6 +46,8 @@ from relay.publisher import Publisher, create_publisher
 from relay.reconciler import reconcile
 
 log = logging.getLogger("relay.daemon")
+
+NOTHING_DUE = BatchResult(0, 0, 0, 0, 0.0)
 
 # Concurrent batches per relay process: two overlap Python work with database round trips.
 LANES = 2
@@ -234,15 +239,21 @@ class Relay:
         wakeup = self._wakeups[lane]
         last_busy = float("-inf")
         next_reconcile = time.monotonic() + settings.relay_reconcile_interval
+        prompted = True  # by a notification, a backlog or a (re)start: claim without asking first
         while not self._stopping:
             if work.is_closed() or listen.is_closed():
                 raise ConnectionLost("a relay database connection closed")
             if not self._broker.reachable:
                 await self._broker.wait()  # the prober (or stop()) releases the lanes
+                prompted = True
                 continue
             # Cleared before the claim: a notification arriving during the batch wakes the next wait.
             wakeup.clear()
-            result = await relay_batch(work, self._publisher, settings, self._before_commit, self._metrics)
+            if prompted or await any_due(work):
+                result = await relay_batch(work, self._publisher, settings, self._before_commit, self._metrics)
+            else:
+                result = NOTHING_DUE
+            prompted = True
             self._reconnect_delay = RECONNECT_INITIAL  # a batch succeeded: the database is fine
             if result.unreachable is not None:
                 self._broker.lost(result.unreachable)
@@ -263,12 +274,12 @@ class Relay:
                     other.set()
                 continue
             if lane:
-                await self._sleep(lane, settings.relay_poll_interval)
+                prompted = await self._sleep(lane, settings.relay_poll_interval)
                 continue
             if result.claimed:
                 last_busy = now
             lingering = now - last_busy < settings.relay_linger
-            await self._sleep(0, settings.relay_busy_poll if lingering else settings.relay_poll_interval)
+            prompted = await self._sleep(0, settings.relay_busy_poll if lingering else settings.relay_poll_interval)
 
     async def _sample(self, metrics: RelayMetrics, connection: asyncpg.Connection) -> None:
         """Every RELAY_METRICS_INTERVAL: the table-wide figures (the queries of `relay status`) and, when no
@@ -292,12 +303,13 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), interval)
 
-    async def _sleep(self, lane: int, seconds: float) -> None:
-        """Wait for the lane's wake-up (a notification, a backlog, stop()) or `seconds`."""
+    async def _sleep(self, lane: int, seconds: float) -> bool:
+        """Wait for the lane's wake-up (a notification, a backlog, stop()) or `seconds`: whether it woke."""
         if self._stopping:
-            return
+            return True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeups[lane].wait(), seconds)
+        return self._wakeups[lane].is_set()
 
     def _on_notify(self, *_: object) -> None:
         self._wakeups[0].set()

@@ -568,6 +568,44 @@ async def test_the_claim_reads_no_row_waiting_in_backoff(relay_settings: Setting
     assert scans[0].get("Rows Removed by Filter", 0) == 0
 
 
+async def test_any_due_says_whether_a_claim_could_find_a_row_and_reads_no_row_in_backoff(
+    relay_settings: Settings, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO outbox (id, task_name, kwargs, next_attempt_at) "
+        "SELECT gen_random_uuid(), 'audit_log_transaction', '{}', now() + interval '1 hour' "
+        "FROM generate_series(1, 20000)"
+    )
+    for state in (OutboxState.PUBLISHED, OutboxState.COMPLETED, OutboxState.DEAD):
+        await db.execute("UPDATE outbox SET state = $1 WHERE id = $2", state, (await insert_rows(db, 1))[0])
+    await db.execute("ANALYZE outbox")
+    assert not await queries.any_due(db)
+    assert await claim_pending(db, 10) == []
+    plan = json.loads(await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + queries._ANY_DUE))[0]["Plan"]
+    nodes, stack = [], [plan]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.get("Plans", []))
+    scans = [n for n in nodes if "Scan" in n["Node Type"]]
+    assert [(n.get("Index Name"), n["Actual Rows"]) for n in scans] == [("ix_outbox_due", 0)], scans
+
+    (due,) = await insert_rows(db, 1)
+    assert await queries.any_due(db)
+    other = await connect(relay_settings, "test-other-relay")
+    try:
+        async with other.transaction():
+            assert len(await claim_pending(other, 10)) == 1
+            # Held by another relay: still due here, so a poll claims and finds nothing (SKIP LOCKED).
+            assert await queries.any_due(db)
+            async with db.transaction():
+                assert await claim_pending(db, 10) == []
+            await other.execute("UPDATE outbox SET state = 'published' WHERE id = $1", due)
+    finally:
+        await other.close()
+    assert not await queries.any_due(db)
+
+
 @contextmanager
 def resetting_listener() -> Iterator[tuple[int, list[int]]]:
     """A port whose every connection is accepted and reset at once; yields it and the accept count."""

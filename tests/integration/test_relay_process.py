@@ -302,6 +302,16 @@ async def lane_idle_for(db: asyncpg.Connection, seconds: float) -> bool:
     )
 
 
+async def lane_statement(db: asyncpg.Connection) -> str:
+    """The statement the relay's polling lane (lane 0) runs or ran last."""
+    return str(
+        await db.fetchval(
+            "SELECT query FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'relay-lane-0'"
+        )
+    )
+
+
 async def test_the_linger_picks_up_rows_without_a_notify_then_an_idle_relay_waits_for_one(
     settings: Settings, db: asyncpg.Connection, broker: PrivateRedis, queue: str
 ) -> None:
@@ -332,6 +342,13 @@ async def test_the_linger_picks_up_rows_without_a_notify_then_an_idle_relay_wait
             # the lingering relay still publishes it, long before its next idle poll.
             await fill(db, 1)
             await until(published(db, 2), 20, "the un-notified row published while the relay lingers")
+            # Lingering with nothing due, each poll is the one-statement question: no claim, no transaction.
+            await asyncio.sleep(0.2)
+            seen = Counter[str]()
+            for _ in range(50):
+                seen[await lane_statement(db)] += 1
+                await asyncio.sleep(0.02)
+            assert set(seen) == {queries._ANY_DUE}, seen
 
             # The linger runs out: lane 0 stops polling and sleeps for RELAY_POLL_INTERVAL.
             await until(lambda: lane_idle_for(db, 1.0), linger + 20, f"the relay to go idle after its {linger}s linger")
