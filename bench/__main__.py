@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import api_cost, capacity, relay_scenarios, worker_cost
-from bench.environment import ROOT, bench_redis_url, fresh_database
+from bench.environment import ROOT, bench_redis_url, fresh_database, tuned_settings
 from bench.report import chart, print_table, targets
 from bench.stats import Figure
 
@@ -100,6 +100,8 @@ def main() -> None:
     figures: list[Figure] = []
     samples: dict[str, list[float]] = {}
     started = time.monotonic()
+    if tuned := tuned_settings():
+        print("settings from the environment: " + " ".join(f"{k}={v}" for k, v in tuned.items()))
     with fresh_database() as database_url:
         if "api" in args.only:
             figures += api_cost.measure(
@@ -167,6 +169,7 @@ def main() -> None:
         "quick": args.quick,
         "elapsed_s": time.monotonic() - started,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "settings": tuned_settings(),
         "figures": [figure.as_dict() for figure in figures],
         "targets": [check.as_dict() for check in checks],
     }

@@ -18,6 +18,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import make_url
 
+from core.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -77,6 +79,15 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port}")
+
+
+def tuned_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The numeric and boolean settings this run's environment sets (the processes it starts inherit
+    them), so a results file says what it measured. Only those types: they are the tunables, and
+    never a secret or a URL."""
+    environ = dict(os.environ if environ is None else environ)
+    tunable = {name.upper() for name, field in Settings.model_fields.items() if field.annotation in (int, float, bool)}
+    return {name: value for name, value in sorted(environ.items()) if name.upper() in tunable}
 
 
 def service_env(database_url: str, redis_url: str, **extra: str) -> dict[str, str]:
