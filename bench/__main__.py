@@ -100,7 +100,8 @@ def main() -> None:
     figures: list[Figure] = []
     samples: dict[str, list[float]] = {}
     started = time.monotonic()
-    if tuned := tuned_settings():
+    tuned = tuned_settings()
+    if tuned:
         print("settings from the environment: " + " ".join(f"{k}={v}" for k, v in tuned.items()))
     with fresh_database() as database_url:
         if "api" in args.only:
@@ -169,7 +170,7 @@ def main() -> None:
         "quick": args.quick,
         "elapsed_s": time.monotonic() - started,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
-        "settings": tuned_settings(),
+        "settings": tuned,
         "figures": [figure.as_dict() for figure in figures],
         "targets": [check.as_dict() for check in checks],
     }

@@ -542,6 +542,16 @@ async def test_replayed_and_reconciled_rows_keep_their_task_id(
     assert queued == [str(row_id), str(row_id)]
 
 
+def scans_of(plan: str) -> list[dict[str, Any]]:
+    """The scan nodes of an `EXPLAIN (ANALYZE, FORMAT JSON)` plan, at any depth."""
+    nodes, stack = [], [json.loads(plan)[0]["Plan"]]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.get("Plans", []))
+    return [n for n in nodes if "Scan" in n["Node Type"]]
+
+
 async def test_the_claim_reads_no_row_waiting_in_backoff(relay_settings: Settings, db: asyncpg.Connection) -> None:
     await db.execute(
         "INSERT INTO outbox (id, task_name, kwargs, next_attempt_at) "
@@ -555,13 +565,7 @@ async def test_the_claim_reads_no_row_waiting_in_backoff(relay_settings: Setting
             "EXPLAIN (ANALYZE, FORMAT JSON) SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= now() "
             "ORDER BY next_attempt_at, created_at LIMIT 500 FOR UPDATE SKIP LOCKED"
         )
-    nodes = []
-    stack = [json.loads(plan)[0]["Plan"]]
-    while stack:
-        node = stack.pop()
-        nodes.append(node)
-        stack.extend(node.get("Plans", []))
-    scans = [n for n in nodes if "Scan" in n["Node Type"]]
+    scans = scans_of(plan)
     assert [n.get("Index Name") for n in scans] == ["ix_outbox_due"], scans
     # The 20,000 rows in backoff are outside the index range: none is read, none is filtered out.
     assert scans[0]["Actual Rows"] == 30
@@ -581,13 +585,7 @@ async def test_any_due_says_whether_a_claim_could_find_a_row_and_reads_no_row_in
     await db.execute("ANALYZE outbox")
     assert not await queries.any_due(db)
     assert await claim_pending(db, 10) == []
-    plan = json.loads(await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + queries._ANY_DUE))[0]["Plan"]
-    nodes, stack = [], [plan]
-    while stack:
-        node = stack.pop()
-        nodes.append(node)
-        stack.extend(node.get("Plans", []))
-    scans = [n for n in nodes if "Scan" in n["Node Type"]]
+    scans = scans_of(await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + queries._ANY_DUE))
     assert [(n.get("Index Name"), n["Actual Rows"]) for n in scans] == [("ix_outbox_due", 0)], scans
 
     (due,) = await insert_rows(db, 1)
