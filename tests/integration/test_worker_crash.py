@@ -82,8 +82,11 @@ async def test_a_killed_worker_s_tasks_complete_once_on_a_new_worker(database_ur
                 await asyncio.to_thread(AsyncResult(task_id, app=client).get, timeout=30)
                 for task_id in (email_id, audit_id)
             ]
-            assert f"{SEND_TRANSACTION_EMAIL}[{email_id}] succeeded" in worker_b.log()
-            assert f"{AUDIT_LOG_TRANSACTION}[{audit_id}] succeeded" in worker_b.log()
+            # Celery stores a task's result before its child process logs the success: wait for the line.
+            email_line = f"{SEND_TRANSACTION_EMAIL}[{email_id}] succeeded"
+            audit_line = f"{AUDIT_LOG_TRANSACTION}[{audit_id}] succeeded"
+            await until(lambda: email_line in worker_b.log(), 10, f"worker B to log {email_line!r}")
+            await until(lambda: audit_line in worker_b.log(), 10, f"worker B to log {audit_line!r}")
         client.close()
 
     assert [result["task_id"] for result in results] == [email_id, audit_id]
