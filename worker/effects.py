@@ -25,6 +25,7 @@ import asyncpg
 from core.contract import AUDIT_LOG_TRANSACTION, SEND_TRANSACTION_EMAIL
 from core.outbox import queries
 from core.outbox.states import RunState
+from worker.batching import Batched
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,14 @@ async def start_delivery(pool: asyncpg.Pool, *, task_id: str, lease_seconds: flo
     If a relay holds the row's lock past the connection's lock_timeout (a frozen relay), the start
     is not recorded and only the record is read: the delivery goes on either way.
     """
-    async with pool.acquire() as connection:
-        return await _start(connection, task_id, lease_seconds)
-
-
-async def _start(connection: queries.Connection, task_id: str, lease_seconds: float) -> queries.StoredRun | None:
     row_id = outbox_id(task_id)
     if row_id is not None:
         try:
-            return await queries.start_delivery(connection, row_id, task_id, lease_seconds)
+            return await queries.start_delivery(Batched(pool), row_id, task_id, lease_seconds)
         except asyncpg.LockNotAvailableError:
             log.warning("delivery start not recorded: the outbox row is locked", extra={"task_id": task_id})
-    return await queries.stored_run(connection, task_id)
+    async with pool.acquire() as connection:
+        return await queries.stored_run(connection, task_id)
 
 
 async def extend_delivery(pool: asyncpg.Pool, *, task_id: str, seconds: float) -> None:
@@ -100,17 +97,17 @@ async def write_audit_once(
     False when the outbox row was locked and is not completed yet (the caller completes it alone:
     the effect is recorded).
     """
-    async with pool.acquire() as connection:
-        written, completed = await queries.record_audit_once(
-            connection, task_id, AUDIT_LOG_TRANSACTION, result, transaction_id, data, outbox_id(task_id)
-        )
-        if not written:
+    written, completed = await queries.record_audit_once(
+        Batched(pool), task_id, AUDIT_LOG_TRANSACTION, result, transaction_id, data, outbox_id(task_id)
+    )
+    if not written:
+        async with pool.acquire() as connection:
             stored = await queries.stored_run(connection, task_id)
-            # Another delivery recorded it done, with its result.
-            assert stored is not None
-            assert stored.result is not None
-            result = stored.result
-        return result, completed
+        # Another delivery recorded it done, with its result.
+        assert stored is not None
+        assert stored.result is not None
+        result = stored.result
+    return result, completed
 
 
 async def claim_email_lease(pool: asyncpg.Pool, *, task_id: str, lease_seconds: float) -> LeaseClaim:
@@ -160,8 +157,7 @@ async def finish_email(
     the record never waits on the row's lock). Returns (recorded, completed): `recorded` False,
     changing nothing, if this delivery's lease was taken over; `completed` False if the row is not
     completed yet (the caller completes it alone)."""
-    async with pool.acquire() as connection:
-        return await queries.finish_and_complete(connection, task_id, token, result, outbox_id(task_id))
+    return await queries.finish_and_complete(Batched(pool), task_id, token, result, outbox_id(task_id))
 
 
 async def begin_email(
@@ -173,22 +169,22 @@ async def begin_email(
     If a relay holds the outbox row's lock past lock_timeout, the start is not recorded and the
     lease is asked for alone: the delivery goes on either way."""
     row_id = outbox_id(task_id)
+    if row_id is not None:
+        try:
+            stored, token = await queries.start_and_claim(
+                Batched(pool), row_id, task_id, SEND_TRANSACTION_EMAIL, lease_seconds
+            )
+        except asyncpg.LockNotAvailableError:
+            log.warning("delivery start not recorded: the outbox row is locked", extra={"task_id": task_id})
+        else:
+            if stored is not None and stored.state == RunState.DONE:
+                return stored.result, None
+            if token is not None:
+                return None, LeaseClaim(token)
+            if stored is not None:  # another delivery holds a live lease
+                return None, LeaseClaim(None, retry_in=stored.lease_left)
+            # A duplicate created the record after this statement's snapshot: read it below.
     async with pool.acquire() as connection:
-        if row_id is not None:
-            try:
-                stored, token = await queries.start_and_claim(
-                    connection, row_id, task_id, SEND_TRANSACTION_EMAIL, lease_seconds
-                )
-            except asyncpg.LockNotAvailableError:
-                log.warning("delivery start not recorded: the outbox row is locked", extra={"task_id": task_id})
-            else:
-                if stored is not None and stored.state == RunState.DONE:
-                    return stored.result, None
-                if token is not None:
-                    return None, LeaseClaim(token)
-                if stored is not None:  # another delivery holds a live lease
-                    return None, LeaseClaim(None, retry_in=stored.lease_left)
-                # A duplicate created the record after this statement's snapshot: read it below.
         stored = await queries.stored_run(connection, task_id)
         if stored is not None and stored.state == RunState.DONE:
             return stored.result, None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -26,6 +26,15 @@ from core.outbox.states import ALL_OUTBOX_STATES, OutboxState, RunState
 S = OutboxState
 # A connection of its own or one lent by a pool: the statements run on either.
 Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+class RowSource(Protocol):
+    """Where a statement of ONE_ROW can run: a connection, or the worker's batches of concurrent
+    calls (worker.batching), which match rows to callers by position."""
+
+    async def fetchrow(self, query: str, *args: Any) -> Any: ...
+
+
 MAX_ERROR_LENGTH = 2_000
 
 
@@ -413,7 +422,7 @@ SELECT (SELECT count(*) FROM done) > 0 AS written, {_row_completed("$6::uuid")}
 
 
 async def record_audit_once(
-    connection: Connection,
+    connection: RowSource,
     task_id: str,
     task_name: str,
     result: dict[str, Any],
@@ -459,15 +468,17 @@ _STARTED = f"""started AS (
         deliveries = deliveries + 1
     WHERE id = $1 AND state IN ('{S.PENDING}', '{S.PUBLISHED}')
 )"""
+# One row always (state NULL: no record), so that it can be batched (ONE_ROW).
 _START_DELIVERY = f"""
 WITH {_STARTED}
-SELECT state, result::text AS result, GREATEST(EXTRACT(EPOCH FROM lease_until - now()), 0)::float8 AS lease_left
-FROM task_runs WHERE task_id = $2
+SELECT r.state, r.result::text AS result,
+    GREATEST(EXTRACT(EPOCH FROM r.lease_until - now()), 0)::float8 AS lease_left
+FROM (SELECT 1) AS one LEFT JOIN task_runs AS r ON r.task_id = $2
 """
 
 
 async def start_delivery(
-    connection: Connection, outbox_id: UUID, task_id: str, lease_seconds: float
+    connection: RowSource, outbox_id: UUID, task_id: str, lease_seconds: float
 ) -> StoredRun | None:
     """Record that a delivery of the row's message starts, alive for `lease_seconds`; return the
     task id's record (None if no delivery recorded anything).
@@ -476,7 +487,7 @@ async def start_delivery(
     lock_timeout bounds the wait, and asyncpg.LockNotAvailableError then means nothing was written.
     """
     row = await connection.fetchrow(_START_DELIVERY, outbox_id, task_id, float(lease_seconds))
-    return _stored(row)
+    return _stored(row) if row["state"] is not None else None
 
 
 _EXTEND_DELIVERY = f"""
@@ -520,7 +531,7 @@ FROM (SELECT 1) AS one LEFT JOIN task_runs AS r ON r.task_id = $2
 
 
 async def start_and_claim(
-    connection: Connection, outbox_id: UUID, task_id: str, task_name: str, lease_seconds: float
+    connection: RowSource, outbox_id: UUID, task_id: str, task_name: str, lease_seconds: float
 ) -> tuple[StoredRun | None, UUID | None]:
     """start_delivery() then claim_lease() (both for `lease_seconds`), in one statement: the task
     id's record as it was (None if none), and the lease's token if this delivery took it.
@@ -584,13 +595,18 @@ async def finish_run(connection: Connection, task_id: str, token: UUID, result: 
 
 
 async def finish_and_complete(
-    connection: Connection, task_id: str, token: UUID, result: dict[str, Any], outbox_id: UUID | None
+    connection: RowSource, task_id: str, token: UUID, result: dict[str, Any], outbox_id: UUID | None
 ) -> tuple[bool, bool]:
     """finish_run(), then complete the outbox row unless it is locked, in one statement. Returns
     (recorded: as finish_run, row completed: nothing left to complete; False when not recorded)."""
     row = await connection.fetchrow(_FINISH_AND_COMPLETE, task_id, token, json.dumps(result), outbox_id)
     assert row is not None
     return bool(row["recorded"]), bool(row["recorded"] and row["row_completed"])
+
+
+# The statements of every delivery that always return exactly one row: the worker batches
+# concurrent calls of each (worker.batching), matching rows to calls by position.
+ONE_ROW = frozenset({_START_DELIVERY, _START_AND_CLAIM, _RECORD_AUDIT, _FINISH_AND_COMPLETE})
 
 
 _COMPLETE = f"""
