@@ -195,13 +195,17 @@ class System:
         transaction_id: str = response.json()["id"]
         return transaction_id
 
+    def with_deposits(self, committed: set[str]) -> set[str]:
+        """`committed` and the deposits that funded the accounts: every transaction with outbox rows."""
+        deposits = select(self.database_url, "SELECT id::text AS id FROM transactions WHERE kind = 'deposit'")
+        return committed | {r["id"] for r in deposits}
+
     def each_transfer_once(self, committed: set[str]) -> None:
         """Every outbox row completed, and each committed transfer (and each deposit that funded the
         accounts) has exactly one audit row and exactly one email (by Message-ID), and nothing
         else has any."""
         database = self.database_url
-        deposits = {r["id"] for r in select(database, "SELECT id::text AS id FROM transactions WHERE kind = 'deposit'")}
-        committed = committed | deposits
+        committed = self.with_deposits(committed)
         rows = select(database, "SELECT id::text AS id, task_name, state, transaction_id::text AS tx FROM outbox")
         assert {r["state"] for r in rows} == {"completed"}
         assert {r["tx"] for r in rows} == committed
