@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     celery_worker_concurrency: int = Field(1024, ge=1)
     celery_task_events: bool = False
     worker_db_pool_size: int = Field(16, ge=1)
+    worker_batch_window: float = Field(0.01, ge=0, le=1)
     celery_task_max_retries: int = Field(5, ge=0)
     celery_retry_backoff_max: int = Field(60, ge=1)
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from core.settings import Settings
+from worker import batching
 
 T = TypeVar("T")
 
@@ -162,6 +163,7 @@ class WorkerDatabase:
             return
         if pool is not None:
             asyncio.run_coroutine_threadsafe(pool.close(), loop.loop).result(CALL_TIMEOUT)
+            batching.forget(pool)
         loop.stop()
 
     def _ensure_started(self) -> _LoopThread:
@@ -189,4 +191,5 @@ class WorkerDatabase:
                 server_settings=options.server_settings,
                 reset=_keep_session,
             )
+            batching.set_window(self._pool, self._settings.worker_batch_window)
             return self._pool

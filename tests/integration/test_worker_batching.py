@@ -17,6 +17,7 @@ import pytest
 from core.outbox import queries
 from core.settings import Settings
 from worker import effects
+from worker import batching
 from worker.batching import MAX_BATCH, Batched
 
 
@@ -64,6 +65,41 @@ async def test_a_batch_is_split_at_its_size(pool: asyncpg.Pool, db: asyncpg.Conn
     ids = await _published_rows(db, MAX_BATCH + 1)
     await asyncio.gather(*(effects.start_delivery(pool, task_id=str(row_id), lease_seconds=60) for row_id in ids))
     assert await _transactions_of(db, ids) == 2
+
+
+async def _started_one_by_one(pool: asyncpg.Pool, ids: list[uuid.UUID], pause: float) -> None:
+    """Start a delivery for each row, `pause` seconds apart, as a worker's tasks arrive from the broker."""
+    calls = []
+    for row_id in ids:
+        calls.append(asyncio.ensure_future(effects.start_delivery(pool, task_id=str(row_id), lease_seconds=60)))
+        await asyncio.sleep(pause)
+    await asyncio.gather(*calls)
+
+
+@pytest.mark.parametrize(("window", "transactions"), [(0.0, 5), (2.0, 1)])
+async def test_calls_arriving_one_by_one_join_a_batch_within_its_window(
+    pool: asyncpg.Pool, db: asyncpg.Connection, window: float, transactions: int
+) -> None:
+    ids = await _published_rows(db, 5)
+    batching.set_window(pool, window)
+    try:
+        await _started_one_by_one(pool, ids, pause=0.05)  # each alone would long be done by the next
+    finally:
+        batching.forget(pool)
+    assert await _transactions_of(db, ids) == transactions
+
+
+async def test_a_full_batch_does_not_wait_out_its_window(pool: asyncpg.Pool, db: asyncpg.Connection) -> None:
+    ids = await _published_rows(db, MAX_BATCH)
+    batching.set_window(pool, 600)
+    try:
+        async with asyncio.timeout(60):  # far less than the window: the full batch ran at once
+            await asyncio.gather(
+                *(effects.start_delivery(pool, task_id=str(row_id), lease_seconds=60) for row_id in ids)
+            )
+    finally:
+        batching.forget(pool)
+    assert await _transactions_of(db, ids) == 1
 
 
 async def test_a_statements_error_stays_its_callers(pool: asyncpg.Pool, db: asyncpg.Connection) -> None:
