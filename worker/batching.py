@@ -1,8 +1,8 @@
 """The same statement of concurrent tasks, sent to PostgreSQL together: one round trip, one commit.
 
 Every task records its start and its effect in statements of its own, each a round trip through
-the loop and a commit in PostgreSQL. Calls of one statement that arrive while an earlier call
-waits for a connection, or within the same turn of the loop, join one batch. asyncpg's fetchmany
+the loop and a commit in PostgreSQL. Calls of one statement that arrive within a batch's window
+(below), or while it waits for a connection, join that batch. asyncpg's fetchmany
 sends the batch's Bind and Execute messages before a single Sync, which PostgreSQL runs as one
 implicit transaction: every statement sees the ones before it, as separate statements would, and
 the batch commits once.
@@ -10,10 +10,10 @@ the batch commits once.
 A batch waits a short window (WORKER_BATCH_WINDOW, set per pool with `set_window`) before it takes a
 connection, so that calls arriving one after another join it. Without the window, a worker's tasks
 arrive one at a time from the broker (one message per read), each statement had a connection to
-itself, and batches held one call: draining a backlog, batches of one round trip per statement
-cost the worker's loop about a third more CPU per task than a 10 ms window, and PostgreSQL one
-commit per statement. The window is latency added to each batched statement (two per task), in
-exchange for fewer round trips and commits whenever more than one task is in flight.
+itself, and batches held one call: draining a backlog, the worker's loop then spent about half as
+much CPU again per task as with a 10 ms window, and PostgreSQL committed once per statement. The
+window is latency added to each batched statement (two per task), in exchange for fewer round trips
+and commits whenever more than one task is in flight.
 
 What a caller sees is what its own statement would have given. A statement's error aborts the
 whole batch's transaction, so then every statement of the batch runs again on its own (on

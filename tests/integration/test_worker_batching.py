@@ -16,8 +16,7 @@ import pytest
 
 from core.outbox import queries
 from core.settings import Settings
-from worker import effects
-from worker import batching
+from worker import batching, effects
 from worker.batching import MAX_BATCH, Batched
 
 
