@@ -80,9 +80,11 @@ async def test_calls_arriving_one_by_one_join_a_batch_within_its_window(
     pool: asyncpg.Pool, db: asyncpg.Connection, window: float, transactions: int
 ) -> None:
     ids = await _published_rows(db, 5)
+    async with pool.acquire():  # an open connection: a first call's connect cannot outlast the pause
+        pass
     batching.set_window(pool, window)
     try:
-        await _started_one_by_one(pool, ids, pause=0.05)  # each alone would long be done by the next
+        await _started_one_by_one(pool, ids, pause=0.1)  # each alone would long be done by the next
     finally:
         batching.forget(pool)
     assert await _transactions_of(db, ids) == transactions

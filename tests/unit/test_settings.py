@@ -82,6 +82,8 @@ def test_explicit_urls_win_over_parts(host: str, port: int, db: str) -> None:
         ({"CELERY_BROKER_URL": "kafka://localhost"}, "CELERY_BROKER_URL"),
         ({"RELAY_BATCH_SIZE": "0"}, "relay_batch_size"),
         ({"WORKER_METRICS_PORT": "70000"}, "worker_metrics_port"),
+        ({"WORKER_BATCH_WINDOW": "-0.01"}, "worker_batch_window"),
+        ({"WORKER_BATCH_WINDOW": "5"}, "worker_batch_window"),  # seconds: a typo for milliseconds
         ({"API_PORT": "9000", "API_METRICS_PORT": "9000"}, "API_METRICS_PORT"),
     ],
 )
