@@ -63,7 +63,7 @@ def set_window(pool: asyncpg.Pool, seconds: float) -> None:
     if seconds > 0:
         _windows[id(pool)] = seconds
     else:
-        _windows.pop(id(pool), None)
+        forget(pool)
 
 
 def forget(pool: asyncpg.Pool) -> None:
